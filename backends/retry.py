@@ -1,0 +1,68 @@
+"""When a failed attempt is tried again, as one small tenacity policy.
+
+Only failures another server pair may not have are retried (connection
+errors, 5xx, 408/429, timeouts: see :func:`backends.errors.is_retryable`);
+a 4xx raises at once. Each retry gets a fresh bootstrap room and avoids the
+servers that already failed this request, so a dead server costs one quick
+retry rather than a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from backends.errors import is_retryable
+
+logger = logging.getLogger(__name__)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    logger.warning("attempt %d failed (%s); retrying on another pair", state.attempt_number, error)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds on retrying one request.
+
+    Parameters
+    ----------
+    max_attempts
+        Attempts in all, the first included.
+    budget
+        Seconds after which no new attempt starts.
+    backoff, max_backoff
+        First and longest pause between attempts (exponential in between).
+        Short: the next attempt goes to another server, not the same one.
+    """
+
+    max_attempts: int = 4
+    budget: float = 60.0
+    backoff: float = 0.05
+    max_backoff: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.budget <= 0 or self.backoff < 0 or self.max_backoff < self.backoff:
+            raise ValueError("RetryPolicy needs budget > 0 and 0 <= backoff <= max_backoff")
+
+    def retrying(self) -> Retrying:
+        """A fresh tenacity controller (they keep per-call state, so one per request)."""
+        return Retrying(
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.budget),
+            wait=wait_exponential(multiplier=self.backoff, min=self.backoff, max=self.max_backoff),
+            retry=retry_if_exception(is_retryable),
+            before_sleep=_log_retry,
+            reraise=True,
+        )

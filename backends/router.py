@@ -1,0 +1,165 @@
+"""From a prompt to a route: which prefill and decode server (or colocated server) serves it.
+
+The router joins the pieces that decide placement: the pools discovered at
+start, which servers are in rotation (:mod:`backends.health`), what each
+prefill server is believed to cache (:mod:`backends.prefix_index`), the
+in-flight load the adapter itself created, and the policies
+(:mod:`backends.routing`). It sends nothing; it only decides and keeps count.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+from backends.dispatch import PairTarget
+from backends.errors import NoHealthyServerError
+from backends.health import HealthTracker
+from backends.prefix_index import PrefixIndex
+from backends.routing import Candidates, Policy
+from backends.servers import ServerInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The servers chosen for one attempt, and why."""
+
+    mode: Literal["pd", "colocated"]
+    reason: str
+    prefill: ServerInfo | None = None
+    decode: ServerInfo | None = None
+    colocated: ServerInfo | None = None
+    keys: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.url for s in (self.prefill, self.decode, self.colocated) if s is not None]
+
+    @property
+    def target(self) -> PairTarget:
+        return PairTarget(self.prefill.url, self.decode.url, self.prefill.bootstrap_host, self.prefill.bootstrap_port)
+
+
+class Router:
+    """Chooses routes over the adapter's pools.
+
+    Parameters
+    ----------
+    colocated_below_chars
+        With both a PD pool and a colocated pool: prompts whose part not yet
+        cached on the best colocated server is shorter than this run there,
+        skipping the KV transfer. ``None`` sends everything through PD while
+        any PD pair is in rotation.
+    """
+
+    def __init__(
+        self,
+        pools: dict[str, list[ServerInfo]],
+        health: HealthTracker,
+        index: PrefixIndex,
+        policies: dict[str, Policy],
+        colocated_below_chars: int | None = None,
+    ) -> None:
+        self.pools = pools
+        self.health = health
+        self.index = index
+        self.policies = policies
+        self.colocated_below_chars = colocated_below_chars
+        self._loads: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _candidates(self, role: str, keys: list[int], prompt_chars: int, avoid: set[str]) -> Candidates:
+        urls = [s.url for s in self.pools[role]]
+        healthy = self.health.available(urls)
+        if not healthy:
+            states = self.health.snapshot()
+            detail = "; ".join(f"{u}: {states[u].last_error or 'out of rotation'}" for u in urls)
+            raise NoHealthyServerError(f"no {role} server in rotation ({detail}); check the servers' logs")
+        usable = tuple(u for u in healthy if u not in avoid) or tuple(healthy)
+        with self._lock:
+            loads = {u: self._loads[u] for u in usable}
+        return Candidates(
+            servers=usable,
+            loads=loads,
+            matched_chars=self.index.match_chars(keys, list(usable)),
+            held_blocks={u: self.index.size(u) for u in usable},
+            prompt_chars=prompt_chars,
+        )
+
+    def _info(self, role: str, url: str) -> ServerInfo:
+        return next(s for s in self.pools[role] if s.url == url)
+
+    def _has_pd(self) -> bool:
+        return bool(self.pools["prefill"]) and bool(self.pools["decode"])
+
+    def route(self, text: str, *, avoid: set[str] = frozenset(), prefer_prefill: str | None = None) -> Route:
+        """Choose servers for ``text``; ``avoid`` holds servers that already failed this request."""
+        keys = self.index.keys(text)
+        colocated = self._colocated_choice(text, keys, avoid)
+        if colocated is not None:
+            return colocated
+        prefill = self._candidates("prefill", keys, len(text), avoid)
+        if prefer_prefill in prefill.servers:
+            prefill_choice = (prefer_prefill, "sticky")
+        else:
+            choice = self.policies["prefill"].choose(prefill)
+            prefill_choice = (choice.server, choice.reason)
+        decode = self.policies["decode"].choose(self._candidates("decode", [], len(text), avoid))
+        route = Route(
+            mode="pd",
+            reason=f"prefill:{prefill_choice[1]} decode:{decode.reason}",
+            prefill=self._info("prefill", prefill_choice[0]),
+            decode=self._info("decode", decode.server),
+            keys=keys,
+        )
+        logger.debug("route %s -> %s + %s (%s)", len(text), route.prefill.url, route.decode.url, route.reason)
+        return route
+
+    def _colocated_choice(self, text: str, keys: list[int], avoid: set[str]) -> Route | None:
+        if not self.pools["colocated"]:
+            return None
+        if self._has_pd():
+            if self.colocated_below_chars is None and self._pd_in_rotation():
+                return None
+            if not self.health.available([s.url for s in self.pools["colocated"]]):
+                return None
+        candidates = self._candidates("colocated", keys, len(text), avoid)
+        choice = self.policies["colocated"].choose(candidates)
+        uncached = len(text) - candidates.matched_chars.get(choice.server, 0)
+        if self._has_pd() and self._pd_in_rotation():
+            if uncached >= self.colocated_below_chars:
+                return None
+            reason = f"short_uncached({uncached}<{self.colocated_below_chars})->{choice.reason}"
+        else:
+            reason = choice.reason if not self._has_pd() else f"pd_unavailable->{choice.reason}"
+        return Route(mode="colocated", reason=reason, colocated=self._info("colocated", choice.server), keys=keys)
+
+    def _pd_in_rotation(self) -> bool:
+        return all(self.health.available([s.url for s in self.pools[r]]) for r in ("prefill", "decode"))
+
+    @contextmanager
+    def in_flight(self, route: Route) -> Iterator[None]:
+        """Count the route's servers as loaded while a request runs on them."""
+        with self._lock:
+            self._loads.update(route.servers)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loads.subtract(route.servers)
+
+    def learned(self, route: Route, texts: list[str] | None = None) -> None:
+        """After success: the serving server now caches the prompt(s)."""
+        server = route.prefill or route.colocated
+        for keys in [route.keys] if texts is None else [self.index.keys(t) for t in texts]:
+            self.index.insert(server.url, keys)
+
+    def loads(self) -> dict[str, int]:
+        with self._lock:
+            return {u: n for u, n in self._loads.items() if n}

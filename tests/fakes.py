@@ -1,0 +1,73 @@
+"""In-memory SGLang servers for fast unit tests of routing, retries and failure handling.
+
+They answer the few routes the adapter uses, the way SGLang 0.5.23 does, and
+can be told to fail. Real-server tests of the same behaviour live in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class FakeServer:
+    """One fake SGLang server.
+
+    Attributes
+    ----------
+    dead
+        Raise ``ConnectionError`` on every request (a killed process).
+    generate_status
+        Status to answer ``/generate`` with (e.g. 500 or 400) instead of success.
+    """
+
+    def __init__(self, role: str, model: str = "tiny", bootstrap_port: int = 9000, reply: str = " reply") -> None:
+        self.role = role
+        self.model = model
+        self.bootstrap_port = bootstrap_port
+        self.reply = reply
+        self.dead = False
+        self.generate_status = 200
+        self.generated: list[dict] = []
+        self.aborted: list[str] = []
+        self.lock = threading.Lock()
+
+    def _answer(self, body: dict, text: str) -> dict:
+        meta = {"prompt_tokens": len(text) // 4, "completion_tokens": 2, "cached_tokens": 0,
+                "finish_reason": {"type": "length"}}
+        if body.get("return_logprob"):
+            meta["input_token_logprobs"] = [[-1.0, 1, "a"]] if self.role != "decode" else []
+            meta["output_token_logprobs"] = []
+        return {"text": self.reply, "output_ids": [1, 2], "meta_info": meta}
+
+    def __call__(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if self.dead:
+            raise ConnectionError("connection refused")
+        if path == "/model_info":
+            mode = {"prefill": "prefill", "decode": "decode"}.get(self.role, "null")
+            return 200, {"model_path": self.model, "disaggregation_mode": mode}
+        if path == "/server_info":
+            return 200, {"disaggregation_bootstrap_port": self.bootstrap_port}
+        if path == "/health":
+            return 200, {}
+        if path == "/flush_cache":
+            return 200, {}
+        if path == "/abort_request":
+            with self.lock:
+                self.aborted.append(body["rid"])
+            return 200, {}
+        if path == "/generate":
+            with self.lock:
+                self.generated.append(body)
+            if self.generate_status != 200:
+                return self.generate_status, {"error": {"message": f"fake {self.generate_status}"}}
+            if self.role in ("prefill", "decode") and "bootstrap_room" not in body:
+                return 400, {"error": {"message": "bootstrap_room is required in PD mode"}}
+            texts = body.get("text")
+            if isinstance(texts, list):
+                return 200, [self._answer(body, t) for t in texts]
+            if body.get("stream"):
+                return 200, [{"text": self.reply[: i + 1], "meta_info": {"completion_tokens": i + 1}}
+                             for i in range(len(self.reply))]
+            return 200, self._answer(body, texts or "")
+        return 404, {"error": {"message": f"no route {path}"}}

@@ -1,0 +1,262 @@
+"""PDBackend's protocol, retry and failure logic over in-memory servers.
+
+The same behaviours are checked against real SGLang servers in tests/e2e.
+"""
+
+import threading
+import time
+import types
+
+import pytest
+from sglang.lang.chat_template import get_chat_template
+from sglang.lang.ir import SglSamplingParams
+
+from backends.errors import (
+    BadRequestError,
+    ConfigurationError,
+    DecodeFailedError,
+    NoHealthyServerError,
+    StreamInterruptedError,
+)
+from backends.memory_transport import InMemoryTransport
+from backends.pd_backend import PDBackend
+from backends.retry import RetryPolicy
+from tests.fakes import FakeServer
+
+P1, P2, D1, C1 = "http://p1:1", "http://p2:1", "http://d1:1", "http://c1:1"
+
+
+def make(servers, **kwargs):
+    transport = InMemoryTransport(servers)
+    roles = {"prefill": [], "decode": [], "colocated": []}
+    for url, server in servers.items():
+        roles[server.role].append(url)
+    kwargs.setdefault("retry", RetryPolicy(max_attempts=3, backoff=0.0, max_backoff=0.0))
+    kwargs.setdefault("probe_interval", 0.05)
+    backend = PDBackend(**roles, transport=transport, chat_template=get_chat_template("chatml"), **kwargs)
+    return backend, transport
+
+
+def state(text="hello " * 40):
+    return types.SimpleNamespace(text_=text, sid="sid-1")
+
+
+def params(**kw):
+    return SglSamplingParams(max_new_tokens=kw.pop("max_new_tokens", 4), temperature=0, **kw)
+
+
+def test_pair_carries_bootstrap_fields_and_returns_decode_answer():
+    prefill, decode = FakeServer("prefill", bootstrap_port=9123), FakeServer("decode", reply=" from decode")
+    backend, _ = make({P1: prefill, D1: decode})
+    text, meta = backend.generate(state(), params())
+    assert text == " from decode"
+    p, d = prefill.generated[0], decode.generated[0]
+    assert p["bootstrap_room"] == d["bootstrap_room"]
+    assert (p["bootstrap_host"], p["bootstrap_port"]) == ("p1", 9123) == (d["bootstrap_host"], d["bootstrap_port"])
+    assert p["rid"] != d["rid"] and p["text"] == d["text"]
+    backend.generate(state(), params())
+    assert prefill.generated[1]["bootstrap_room"] != p["bootstrap_room"]
+
+
+def test_prompt_logprobs_come_from_prefill():
+    backend, _ = make({P1: FakeServer("prefill"), D1: FakeServer("decode")})
+    _, meta = backend.generate(state(), params(return_logprob=True, logprob_start_len=0))
+    assert meta["input_token_logprobs"] == [[-1.0, 1, "a"]]
+
+
+def test_batched_body_gets_one_room_per_item():
+    prefill, decode = FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: prefill, D1: decode})
+    answer = backend._execute("select", {"text": ["a", "b", "c"], "sampling_params": {"max_new_tokens": 0}})
+    rooms = prefill.generated[0]["bootstrap_room"]
+    assert len(answer) == 3 and rooms == decode.generated[0]["bootstrap_room"]
+    assert len(set(rooms)) == 3 and len(prefill.generated[0]["rid"]) == 3
+
+
+def test_wrong_role_is_refused_with_a_clear_message():
+    transport = InMemoryTransport({P1: FakeServer("decode"), D1: FakeServer("decode")})
+    with pytest.raises(ConfigurationError, match="http://p1:1 is a 'decode' server .* listed as prefill"):
+        PDBackend(prefill=[P1], decode=[D1], transport=transport, chat_template="chatml")
+
+
+def test_nothing_listening_is_a_configuration_error():
+    transport = InMemoryTransport({D1: FakeServer("decode")})
+    with pytest.raises(ConfigurationError, match="cannot reach the prefill server http://p1:1"):
+        PDBackend(prefill=[P1], decode=[D1], transport=transport, chat_template="chatml")
+
+
+def test_half_a_pd_pool_is_refused():
+    with pytest.raises(ConfigurationError, match="no decode server"):
+        PDBackend(prefill=[P1], transport=InMemoryTransport({}))
+
+
+def test_mixed_models_are_refused():
+    with pytest.raises(ConfigurationError, match="one model"):
+        make({P1: FakeServer("prefill", model="a"), D1: FakeServer("decode", model="b")})
+
+
+def test_dead_prefill_costs_one_retry_on_the_other():
+    p1, p2, d1 = FakeServer("prefill"), FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: p1, P2: p2, D1: d1})
+    p1.dead = p2.dead = False
+    p1.dead = True
+    results = [backend.generate(state(f"prompt {i} " * 30), params())[0] for i in range(6)]
+    assert results == [" reply"] * 6
+    assert backend.health()[P1]["healthy"] is False
+    records = backend.metrics.records()
+    assert sum(r.attempts - 1 for r in records) == 1  # only the first request paid a retry
+    assert all(r.prefill == P2 for r in records)
+
+
+def test_failed_leg_aborts_the_other():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: p1, D1: d1}, retry=RetryPolicy(max_attempts=1))
+    d1.generate_status = 503
+    with pytest.raises(DecodeFailedError, match="503"):
+        backend.generate(state(), params())
+    deadline = time.monotonic() + 2
+    while not p1.aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The prefill leg may have finished before the abort was needed; if not, it was aborted by id.
+    assert p1.aborted == [] or p1.aborted == [p1.generated[0]["rid"]]
+
+
+def test_prefill_failure_aborts_decode_leg():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    release = threading.Event()
+    decode_call = d1.__call__
+
+    def slow_decode(method, path, body):
+        if path == "/generate":
+            release.wait(2)
+        return decode_call(method, path, body)
+
+    backend, transport = make({P1: p1, D1: d1}, retry=RetryPolicy(max_attempts=1))
+    transport.servers[D1] = slow_decode
+    p1.generate_status = 500
+    threading.Timer(0.5, release.set).start()
+    with pytest.raises(Exception):
+        backend.generate(state(), params())
+    assert d1.aborted and d1.aborted[0].endswith("-d")
+
+
+def test_bad_request_is_not_retried():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: p1, D1: d1})
+    p1.generate_status = d1.generate_status = 400
+    with pytest.raises(BadRequestError, match="fake 400"):
+        backend.generate(state(), params())
+    assert len(p1.generated) == 1 and backend.health()[P1]["healthy"]
+
+
+def test_no_healthy_decode_raises_quickly_and_recovers():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: p1, D1: d1})
+    d1.dead = True
+    started = time.monotonic()
+    with pytest.raises((NoHealthyServerError, DecodeFailedError)):
+        backend.generate(state(), params())
+    assert time.monotonic() - started < 2
+    d1.dead = False
+    deadline = time.monotonic() + 3
+    while not backend.health()[D1]["healthy"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend.generate(state(), params())[0] == " reply"
+
+
+def test_circuit_breaker_opens_after_repeated_server_errors():
+    p1, p2, d1 = FakeServer("prefill"), FakeServer("prefill"), FakeServer("decode")
+    backend, transport = make({P1: p1, P2: p2, D1: d1}, failure_threshold=2, probe_interval=60)
+    p1.generate_status = 500
+    for i in range(4):
+        backend.generate(state(f"q{i} " * 50), params())
+    assert backend.health()[P1]["healthy"] is False
+    assert backend.health()[P1]["consecutive_failures"] == 2
+
+
+def test_cache_aware_keeps_a_prefix_on_one_prefill_server():
+    p1, p2, d1 = FakeServer("prefill"), FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: p1, P2: p2, D1: d1})
+    shared_a, shared_b = "alpha " * 100, "beta " * 100
+    for i in range(5):
+        backend.generate(state(shared_a + f"question {i}"), params())
+    for i in range(5):
+        backend.generate(state(shared_b + f"question {i}"), params())
+    records = backend.metrics.records()
+    a_servers = {r.prefill for r in records[:5]}
+    b_servers = {r.prefill for r in records[5:]}
+    assert len(a_servers) == 1 and len(b_servers) == 1 and a_servers != b_servers
+
+
+def test_stream_yields_deltas_and_breaks_loudly():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="abcdef")
+    backend, transport = make({P1: p1, D1: d1})
+    chunks = [delta for delta, _ in backend.generate_stream(state(), params())]
+    assert "".join(chunks) == "abcdef" and len(chunks) == 6
+
+    def broken(method, path, body):
+        if path == "/generate" and body.get("stream"):
+            return 200, [{"text": "ab", "meta_info": {}}, ConnectionResetError("peer died")]
+        return d1(method, path, body)
+
+    transport.servers[D1] = broken
+    stream = backend.generate_stream(state(), params())
+    assert next(stream)[0] == "ab"
+    with pytest.raises(StreamInterruptedError, match="after 2 characters"):
+        next(stream)
+
+
+def test_in_band_stream_error_before_text_is_retried_elsewhere():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="xy")
+    backend, transport = make({P1: p1, D1: d1})
+    calls = []
+
+    def flaky(method, path, body):
+        if path == "/generate" and body.get("stream"):
+            calls.append(1)
+            if len(calls) == 1:
+                return 200, [{"error": {"message": "scheduler hiccup"}}]
+        return d1(method, path, body)
+
+    transport.servers[D1] = flaky
+    assert "".join(d for d, _ in backend.generate_stream(state(), params())) == "xy"
+    assert backend.metrics.records()[-1].attempts == 2
+
+
+def test_colocated_pool_alone_serves_plain_requests():
+    c1 = FakeServer("colocated", reply=" plain")
+    backend, _ = make({C1: c1})
+    assert backend.generate(state(), params())[0] == " plain"
+    assert "bootstrap_room" not in c1.generated[0]
+
+
+def test_short_prompts_go_colocated_when_enabled():
+    p1, d1, c1 = FakeServer("prefill"), FakeServer("decode"), FakeServer("colocated")
+    backend, _ = make({P1: p1, D1: d1, C1: c1}, colocated_below_tokens=50)
+    backend.generate(state("short"), params())
+    backend.generate(state("long prompt " * 100), params())
+    modes = [r.mode for r in backend.metrics.records()]
+    assert modes == ["colocated", "pd"]
+
+
+def test_parallel_sampling_is_refused_in_pd():
+    backend, _ = make({P1: FakeServer("prefill"), D1: FakeServer("decode")})
+    with pytest.raises(BadRequestError, match="fork"):
+        backend.generate(state(), params(n=2))
+
+
+def test_no_endpoint_attribute_and_no_concat_append():
+    backend, _ = make({P1: FakeServer("prefill"), D1: FakeServer("decode")})
+    assert not hasattr(backend, "endpoint")
+    assert backend.support_concate_and_append is False
+
+
+def test_metrics_summary_and_prometheus_export():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    backend, _ = make({P1: FakeServer("prefill"), D1: FakeServer("decode")}, metrics_registry=registry)
+    backend.generate(state(), params())
+    summary = backend.metrics.summary()
+    assert summary["requests"] == 1 and summary["by_server"] == {P1: 1, D1: 1}
+    assert b'sgl_pd_requests_total{mode="pd",outcome="ok"} 1.0' in generate_latest(registry)

@@ -1,0 +1,77 @@
+"""Routing policies and the prefix index: pure logic, no servers."""
+
+import pytest
+
+from backends.prefix_index import PrefixIndex, block_keys
+from backends.routing import Candidates, CacheAware, LeastLoaded, RandomChoice, RoundRobin
+
+A, B, C = "http://a:1", "http://b:1", "http://c:1"
+
+
+def test_block_keys_chain_over_the_whole_prefix():
+    one = block_keys("x" * 64 + "y" * 32, 32)
+    two = block_keys("x" * 64 + "z" * 32, 32)
+    assert len(one) == 3 and one[:2] == two[:2] and one[2] != two[2]
+    # Same block text at another depth is another key: keys stand for whole prefixes.
+    assert block_keys("y" * 32, 32)[0] != one[2]
+
+
+def test_prefix_index_matches_leading_blocks_only():
+    index = PrefixIndex(block_chars=4)
+    index.insert(A, index.keys("abcdefgh"))
+    match = index.match_chars(index.keys("abcdefghijkl"), [A, B])
+    assert match == {A: 8, B: 0}
+    assert index.match_chars(index.keys("zzzzefgh"), [A])[A] == 0
+
+
+def test_prefix_index_evicts_tails_before_heads():
+    index = PrefixIndex(block_chars=1, capacity=4)
+    index.insert(A, index.keys("abcd"))
+    index.insert(A, index.keys("xy"))  # pushes out two blocks: they must be the deepest of "abcd"
+    assert index.size(A) == 4
+    assert index.match_chars(index.keys("abcd"), [A])[A] == 2
+    index.forget(A)
+    assert index.size(A) == 0
+
+
+def test_round_robin_cycles():
+    policy = RoundRobin()
+    picks = [policy.choose(Candidates((A, B, C))).server for _ in range(6)]
+    assert picks == [A, B, C, A, B, C]
+
+
+def test_random_choice_is_seeded():
+    first = [RandomChoice(seed=3).choose(Candidates((A, B, C))).server for _ in range(5)]
+    again = [RandomChoice(seed=3).choose(Candidates((A, B, C))).server for _ in range(5)]
+    assert first == again
+
+
+def test_least_loaded_prefers_low_load_then_emptier_cache():
+    policy = LeastLoaded()
+    assert policy.choose(Candidates((A, B), loads={A: 3, B: 1})).server == B
+    assert policy.choose(Candidates((A, B), loads={A: 0, B: 0}, held_blocks={A: 10, B: 2})).server == B
+
+
+def test_cache_aware_follows_the_longest_match():
+    policy = CacheAware()
+    choice = policy.choose(Candidates((A, B), matched_chars={A: 0, B: 900}, prompt_chars=1000))
+    assert choice.server == B and choice.reason.startswith("prefix_match")
+
+
+def test_cache_aware_ignores_small_matches():
+    policy = CacheAware(min_match_ratio=0.3)
+    choice = policy.choose(Candidates((A, B), loads={B: 2}, matched_chars={B: 100}, prompt_chars=1000))
+    assert choice.server == A and "no_prefix_match" in choice.reason
+
+
+def test_cache_aware_balances_when_loads_diverge():
+    policy = CacheAware(balance_abs=4, balance_rel=1.5)
+    busy = Candidates((A, B), loads={A: 0, B: 10}, matched_chars={B: 900}, prompt_chars=1000)
+    assert policy.choose(busy).server == A
+    calm = Candidates((A, B), loads={A: 0, B: 3}, matched_chars={B: 900}, prompt_chars=1000)
+    assert policy.choose(calm).server == B
+
+
+def test_cache_aware_rejects_bad_ratio():
+    with pytest.raises(ValueError, match="min_match_ratio"):
+        CacheAware(min_match_ratio=2)
