@@ -218,8 +218,17 @@ class PDBackend(BaseBackend):
         self._warm(prefix_str)
 
     def end_program(self, s: Any) -> None:
-        """Abort this program's legs still in flight. Called from ``__del__`` too, so never raises."""
+        """Abort legs left behind by a program whose executor has stopped.
+
+        SGLang calls this as soon as the program *function* returns, while the
+        executor thread may still be running the queued ``gen`` calls, and
+        again from ``__del__``. Aborting then would cancel live work, so only
+        the legs of an executor that has finished (normally or by an error)
+        are aborted: orphans that would otherwise hold a server slot. Never raises.
+        """
         for executor in s if isinstance(s, list) else [s]:
+            if not getattr(executor, "is_finished", True) and getattr(executor, "use_thread", False):
+                continue
             with self._inflight_lock:
                 legs = self._inflight.pop(getattr(executor, "sid", None), set())
             for server, rid in legs:

@@ -260,3 +260,14 @@ def test_metrics_summary_and_prometheus_export():
     summary = backend.metrics.summary()
     assert summary["requests"] == 1 and summary["by_server"] == {P1: 1, D1: 1}
     assert b'sgl_pd_requests_total{mode="pd",outcome="ok"} 1.0' in generate_latest(registry)
+
+
+def test_end_program_spares_running_programs_and_aborts_orphans():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    backend, _ = make({P1: p1, D1: d1})
+    running = types.SimpleNamespace(sid="live", is_finished=False, use_thread=True)
+    finished = types.SimpleNamespace(sid="dead", is_finished=True, use_thread=True)
+    backend._tracker("live")(D1, ["rid-live"], True)
+    backend._tracker("dead")(D1, ["rid-dead"], True)
+    backend.end_program([running, finished])
+    assert d1.aborted == ["rid-dead"]

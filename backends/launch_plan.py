@@ -1,0 +1,155 @@
+"""Turn a validated :class:`~backends.config.SGLangPDConfig` into server commands.
+
+Why a module of its own: the config says *what* a user wants; this module says
+*how* SGLang is told so. Every role default, port rule and PD environment
+variable lives here (everything specific to running without a GPU lives in
+:mod:`backends.cpu`), so a launch detail has exactly one home.
+
+Port plan: server ``i`` (prefill servers first, then decode, then colocated)
+owns ``base_port + 10*i`` .. ``+9``: ``+0`` HTTP, ``+1`` ``--nccl-port``
+(torch.distributed rendezvous, bound on all interfaces), ``+2`` the prefill
+bootstrap server. SGLang's other sockets are IPC files or random ports:
+ZeroMQ/gloo sockets in the ephemeral range (32768+ on Linux) and, on PD
+servers, Mooncake's RPC port in 15000-17000. So clusters on one machine only
+need disjoint ``base_port`` ranges, best kept below 32768 and outside
+15000-17000 so that no random port can take a planned one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from backends import cpu
+
+if TYPE_CHECKING:
+    from backends.config import SGLangPDConfig
+
+ROLES = ("prefill", "decode", "colocated")
+PORT_STRIDE = 10
+_NCCL_OFFSET, _BOOTSTRAP_OFFSET = 1, 2
+#: Decode servers batch many streams: a larger cap, CUDA graphs up to it.
+DECODE_MAX_RUNNING_REQUESTS = 256
+#: PD failure detection: decode pings each prefill's bootstrap server this
+#: often (SGLang clamps it to >= 2 s), so a dead prefill fails in-flight
+#: decode legs after ~2-3 s instead of ~10 s.
+_PD_ENV = {"SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "2"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything needed to start and address one SGLang server.
+
+    ``argv`` is the full command (``sys.executable -m sglang.launch_server ...``);
+    ``env`` holds only the additions to the launching process's environment.
+    ``bootstrap_port`` is set for prefill servers only.
+    """
+
+    role: str
+    index: int
+    host: str
+    port: int
+    url: str
+    nccl_port: int
+    bootstrap_port: int | None
+    argv: list[str] = field(hash=False)
+    env: dict[str, str] = field(hash=False)
+    gpu_ids: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Short label such as ``prefill-0``, used for logs and messages."""
+        return f"{self.role}-{self.index}"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """Every fixed port this server binds (must be free before launch)."""
+        extra = (self.bootstrap_port,) if self.bootstrap_port is not None else ()
+        return (self.port, self.nccl_port, *extra)
+
+
+def plan_servers(cfg: "SGLangPDConfig", model_path: str, device: str,
+                 gpu_count: int | None = None) -> list[ServerSpec]:
+    """Plan every server of ``cfg``: prefill first, then decode, then colocated."""
+    counts = (cfg.num_prefill, cfg.num_decode, cfg.colocated)
+    order = [(role, i) for role, n in zip(ROLES, counts) for i in range(n)]
+    gpu_ids = _gpu_plan(cfg, device, gpu_count)
+    return [_spec(cfg, role, i, slot, model_path, device, gpu_ids[slot])
+            for slot, (role, i) in enumerate(order)]
+
+
+def _gpu_plan(cfg: "SGLangPDConfig", device: str, gpu_count: int | None
+              ) -> list[tuple[int, ...]]:
+    if device == "cpu":
+        return [()] * cfg.num_servers
+    needed = cfg.num_servers * cfg.tp_size
+    available = cpu.gpu_count() if gpu_count is None else gpu_count
+    if needed > available:
+        raise ValueError(
+            f"{cfg.num_servers} servers x tp_size {cfg.tp_size} need {needed} GPUs but "
+            f"{available} are visible; lower pd_ratio/colocated/tp_size or use "
+            f"device='cpu' (this launcher starts servers on one machine only)."
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    physical = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+    physical = physical or list(range(available))
+    t = cfg.tp_size
+    return [tuple(physical[s * t:(s + 1) * t]) for s in range(cfg.num_servers)]
+
+
+def _spec(cfg: "SGLangPDConfig", role: str, index: int, slot: int, model: str,
+          device: str, gpu_ids: tuple[int, ...]) -> ServerSpec:
+    port = cfg.base_port + PORT_STRIDE * slot
+    nccl_port = port + _NCCL_OFFSET
+    bootstrap = port + _BOOTSTRAP_OFFSET if role == "prefill" else None
+    argv = [sys.executable, "-m", "sglang.launch_server",
+            "--model-path", model, "--host", cfg.host, "--port", str(port),
+            "--nccl-port", str(nccl_port), "--tp-size", str(cfg.tp_size)]
+    if cfg.mem_fraction_static is not None:
+        argv += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+    env: dict[str, str] = {}
+    if role != "colocated":
+        argv += ["--disaggregation-mode", role,
+                 "--disaggregation-transfer-backend", cfg.resolved_transfer_backend(device)]
+        env.update(_PD_ENV)
+    if bootstrap is not None:
+        argv += ["--disaggregation-bootstrap-port", str(bootstrap)]
+    argv += _role_defaults(cfg, role, device)
+    if device == "cpu":
+        argv += cpu.cpu_server_flags(role)
+        env.update(cpu.cpu_server_env(role))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+    argv += list(getattr(cfg, f"{role}_args"))  # last, so they override defaults
+    url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return ServerSpec(role=role, index=index, host=cfg.host, port=port,
+                      url=f"http://{url_host}:{port}", nccl_port=nccl_port,
+                      bootstrap_port=bootstrap, argv=argv, env=env, gpu_ids=gpu_ids)
+
+
+def _role_defaults(cfg: "SGLangPDConfig", role: str, device: str) -> list[str]:
+    """Role tuning as SGLang users do it; CUDA-graph flags on GPU only.
+
+    On CPU SGLang ignores CUDA-graph settings (it captures CPU graphs only with
+    ``--enable-torch-compile``), so none are passed there.
+    """
+    flags: list[str] = []
+    if role == "prefill" and device == "cuda":
+        # The non-deprecated spelling of --disable-cuda-graph: prefill batches
+        # are large and varied, graphs buy little there.
+        flags += ["--disable-prefill-cuda-graph", "--disable-decode-cuda-graph"]
+    if role == "decode":
+        flags += ["--max-running-requests", str(DECODE_MAX_RUNNING_REQUESTS)]
+        if device == "cuda":
+            flags += ["--cuda-graph-max-bs-decode", str(DECODE_MAX_RUNNING_REQUESTS)]
+        if cfg.decode_torch_compile:
+            if device == "cpu":
+                raise ValueError(
+                    "decode_torch_compile=True needs a GPU: on CPU, SGLang's compiled "
+                    "graph path needs the intel_amx attention backend (torch_native has "
+                    "no init_cpu_graph_state). Set decode_torch_compile=False on CPU."
+                )
+            flags += ["--enable-torch-compile"]
+    return flags

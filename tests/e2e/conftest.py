@@ -1,0 +1,78 @@
+"""Real SGLang servers for the end-to-end tests, started once per session.
+
+One cluster serves every e2e test: 2 prefill + 1 decode + 1 colocated server
+on the tiny model (about 14 GB and 100 s to start on 2 cores). The PD backend
+and the colocated backend run the same programs against it, so every e2e test
+compares PD with the colocated reference on the same weights.
+
+``SGL_PD_TEST_BASE_PORT`` moves the cluster's ports (default 30000).
+``SGL_PD_TEST_REUSE=1`` reuses servers already healthy on those ports (for
+development: start them with ``python -m recipes.launch_pd --pd-ratio 2:1
+--colocated 1``); fault-injection tests are skipped then.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import httpx
+import pytest
+
+from backends import PDCluster, SGLangPDConfig
+from backends.pd_backend import PDBackend
+from backends.transport import Timeouts
+
+
+def _config() -> SGLangPDConfig:
+    return SGLangPDConfig(pd_ratio=(2, 1), colocated=1, base_port=int(os.environ.get("SGL_PD_TEST_BASE_PORT", 30000)))
+
+
+def _all_healthy(urls: list[str]) -> bool:
+    try:
+        return all(httpx.get(f"{u}/health", timeout=10).status_code == 200 for u in urls)
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    config = _config()
+    if os.environ.get("SGL_PD_TEST_REUSE") == "1":
+        specs = config.servers()
+        if _all_healthy([s.url for s in specs]):
+            urls = {role: [s.url for s in specs if s.role == role] for role in ("prefill", "decode", "colocated")}
+            yield types.SimpleNamespace(
+                reused=True, prefill_urls=urls["prefill"], decode_urls=urls["decode"],
+                colocated_urls=urls["colocated"], is_tiny_model=True,
+            )
+            return
+    with PDCluster(config, log_dir=tmp_path_factory.mktemp("server-logs")) as running:
+        running.reused = False
+        yield running
+
+
+def _backend(**pools) -> PDBackend:
+    return PDBackend(**pools, timeouts=Timeouts(connect=2.0, first_byte=60.0, total=120.0), probe_interval=0.5)
+
+
+@pytest.fixture(scope="session")
+def pd_backend(cluster):
+    """PD only: both prefill servers and the decode server."""
+    backend = _backend(prefill=cluster.prefill_urls, decode=cluster.decode_urls)
+    yield backend
+    backend.shutdown()
+
+
+@pytest.fixture(scope="session")
+def colocated_backend(cluster):
+    """The colocated reference server through the same adapter class."""
+    backend = _backend(colocated=cluster.colocated_urls)
+    yield backend
+    backend.shutdown()
+
+
+@pytest.fixture(params=["pd", "colocated"])
+def any_backend(request, pd_backend, colocated_backend):
+    """Each program test runs on both deployments."""
+    return pd_backend if request.param == "pd" else colocated_backend
