@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from backends import cpu
+from backends.tiny_model import is_tiny_model
 
 if TYPE_CHECKING:
     from backends.config import SGLangPDConfig
@@ -117,6 +118,10 @@ def _spec(cfg: "SGLangPDConfig", role: str, index: int, slot: int, model: str,
     if bootstrap is not None:
         argv += ["--disaggregation-bootstrap-port", str(bootstrap)]
     argv += _role_defaults(cfg, role, device)
+    if is_tiny_model(model):
+        # The random model would fill JSON-constrained output with whitespace
+        # until max_tokens; compact JSON keeps it finite and parseable.
+        argv += ["--constrained-json-disable-any-whitespace"]
     if device == "cpu":
         argv += cpu.cpu_server_flags(role)
         env.update(cpu.cpu_server_env(role))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import threading
 from typing import Any
 
@@ -50,6 +51,26 @@ def sampling_body(sampling_params: SglSamplingParams) -> dict[str, Any]:
         if value is not None:
             body[option] = value
     return body
+
+
+def check_sampling(body: dict[str, Any]) -> None:
+    """Refuse, before any server sees it, what no server can serve.
+
+    The servers validate too; checking here saves a round trip to two servers
+    and gives the message in the caller's terms.
+    """
+    params = body.get("sampling_params") or {}
+    if not isinstance(params, dict):
+        raise BadRequestError(f"sampling_params must be a dict, got {type(params).__name__}")
+    regex = params.get("regex")
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise BadRequestError(f"regex {regex!r} does not compile: {exc}") from None
+    limit = params.get("max_new_tokens")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise BadRequestError(f"max_new_tokens must be a non-negative integer, got {limit!r}")
 
 
 def batch_size(body: dict[str, Any]) -> int | None:

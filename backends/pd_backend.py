@@ -45,7 +45,14 @@ from backends.errors import (
 )
 from backends.health import HealthTracker
 from backends.metrics import Metrics, RequestRecord
-from backends.payloads import RoomAllocator, batch_size, merge_pd_answers, routing_text, sampling_body
+from backends.payloads import (
+    RoomAllocator,
+    batch_size,
+    check_sampling,
+    merge_pd_answers,
+    routing_text,
+    sampling_body,
+)
 from backends.prefix_index import PrefixIndex
 from backends.retry import RetryPolicy
 from backends.router import Route, Router
@@ -200,10 +207,16 @@ class PDBackend(BaseBackend):
         unconditional = None
         if choices_method.requires_unconditional_logprobs:
             ids = [[token[1] for token in logprobs] for logprobs in input_logprobs]
+            # logprob_start_len=0: SGLang 0.5.23 returns no prompt logprobs by default, which
+            # makes the stock RuntimeEndpoint's unconditional select fail with an IndexError.
             plain = self._execute("select", {
                 "input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                "logprob_start_len": 0,
             }, sid=s.sid, prefer_prefill=sticky)
             unconditional = [r["meta_info"]["input_token_logprobs"] for r in plain]
+            # SGLang 0.5.23 gives no logprob (None) for the first position of a range;
+            # the unconditional methods subtract lists element-wise, so count it as 0.
+            input_logprobs = [[[lp if lp is not None else 0.0, *rest] for lp, *rest in lps] for lps in input_logprobs]
         return choices_method(
             choices=choices, normalized_prompt_logprobs=normalized, input_token_logprobs=input_logprobs,
             output_token_logprobs=output_logprobs, unconditional_token_logprobs=unconditional,
@@ -342,6 +355,7 @@ class PDBackend(BaseBackend):
         track = self._tracker(sid)
 
         def attempt() -> tuple[Any, Route]:
+            check_sampling(body)
             record.attempts += 1
             route = self._router.route(routing_text(body), avoid=avoid, prefer_prefill=prefer_prefill)
             _describe(record, route)
@@ -392,6 +406,7 @@ class PDBackend(BaseBackend):
         track = self._tracker(sid)
 
         def open_stream() -> tuple[Route, Any, Iterator[dict], Any, dict]:
+            check_sampling(body)
             record.attempts += 1
             route = self._router.route(routing_text(body), avoid=avoid)
             _describe(record, route)

@@ -16,7 +16,7 @@ venv="${SGL_PD_VENV:-$HOME/.cache/sgl-pd/venv}"
 python="${SGL_PD_PYTHON:-python3}"
 
 # Mooncake's TCP transport (PD on CPU) links against the RDMA user libraries.
-if ! ldconfig -p | grep -q 'libibverbs.so.1'; then
+if ! ldconfig -p | grep 'libibverbs.so.1' > /dev/null; then  # not grep -q: SIGPIPE + pipefail
     echo "[env] installing libibverbs1 ibverbs-providers librdmacm1 (mooncake needs them)" >&2
     if [ "$(id -u)" -ne 0 ]; then
         echo "[env] not root: run 'sudo apt-get install libibverbs1 ibverbs-providers librdmacm1' first" >&2
