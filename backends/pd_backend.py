@@ -39,7 +39,10 @@ from backends.dispatch import Dispatcher, LegOutcome
 from backends.errors import (
     BadRequestError,
     ConfigurationError,
+    DecodeFailedError,
+    NoHealthyServerError,
     PDError,
+    PrefillFailedError,
     ServerUnavailableError,
     StreamInterruptedError,
 )
@@ -385,11 +388,23 @@ class PDBackend(BaseBackend):
             record.error = f"{type(exc).__name__}: {exc}"
             record.total = time.monotonic() - started
             self.metrics.record(record)
-            raise
+            raise self._explain(exc) from exc
         record.total = time.monotonic() - started
         _count_tokens(record, answer)
         self.metrics.record(record)
         return answer, route
+
+    def _explain(self, error: PDError) -> PDError:
+        """The final error; a leg failure with its whole role down becomes NoHealthyServerError."""
+        role = {PrefillFailedError: "prefill", DecodeFailedError: "decode"}.get(type(error))
+        down = self._router.out_of_rotation(role) if role else None
+        if down is None:
+            return error
+        return NoHealthyServerError(
+            f"no {role} server is in rotation ({down}); the last attempt failed with: {error}. "
+            "Check the servers' logs; they return to rotation once /health passes.",
+            server=error.server, status=error.status,
+        )
 
     def _blame(self, error: PDError, avoid: set[str], record: RequestRecord) -> None:
         if error.server is None or isinstance(error, BadRequestError):
@@ -434,7 +449,7 @@ class PDBackend(BaseBackend):
             record.error = f"{type(exc).__name__}: {exc}"
             record.total = time.monotonic() - started
             self.metrics.record(record)
-            raise
+            raise self._explain(exc) from exc
         return self._relay(record, started, route, prefill, events, abort, first)
 
     def _relay(self, record, started, route, prefill, events, abort, first) -> Iterator[tuple[str, dict]]:

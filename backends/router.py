@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from backends.dispatch import PairTarget
-from backends.errors import NoHealthyServerError
 from backends.health import HealthTracker
 from backends.prefix_index import PrefixIndex
 from backends.routing import Candidates, Policy
@@ -76,11 +75,10 @@ class Router:
 
     def _candidates(self, role: str, keys: list[int], prompt_chars: int, avoid: set[str]) -> Candidates:
         urls = [s.url for s in self.pools[role]]
-        healthy = self.health.available(urls)
-        if not healthy:
-            states = self.health.snapshot()
-            detail = "; ".join(f"{u}: {states[u].last_error or 'out of rotation'}" for u in urls)
-            raise NoHealthyServerError(f"no {role} server in rotation ({detail}); check the servers' logs")
+        # With every server of the role out of rotation, try them anyway: a dead
+        # server refuses a connection in milliseconds, while refusing to try
+        # would fail requests for a whole probe interval after a false alarm.
+        healthy = self.health.available(urls) or urls
         usable = tuple(u for u in healthy if u not in avoid) or tuple(healthy)
         with self._lock:
             loads = {u: self._loads[u] for u in usable}
@@ -139,6 +137,14 @@ class Router:
         else:
             reason = choice.reason if not self._has_pd() else f"pd_unavailable->{choice.reason}"
         return Route(mode="colocated", reason=reason, colocated=self._info("colocated", choice.server), keys=keys)
+
+    def out_of_rotation(self, role: str) -> str | None:
+        """A description of the role's servers when none is in rotation, else ``None``."""
+        urls = [s.url for s in self.pools[role]]
+        if not urls or self.health.available(urls):
+            return None
+        states = self.health.snapshot()
+        return "; ".join(f"{u}: {states[u].last_error or 'out of rotation'}" for u in urls)
 
     def _pd_in_rotation(self) -> bool:
         return all(self.health.available([s.url for s in self.pools[r]]) for r in ("prefill", "decode"))

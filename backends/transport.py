@@ -106,6 +106,13 @@ def _remaining(deadline: float | None, fallback: float) -> float:
     return min(left, fallback)
 
 
+def _transport_error(url: str, exc: httpx.TransportError) -> ServerUnavailableError:
+    """A refused connection proves the server is down; a reset one may be a stale keep-alive."""
+    if isinstance(exc, httpx.ConnectError):
+        return ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=url, unreachable=True)
+    return ServerUnavailableError(f"connection to {url} broke: {exc!r}", server=url)
+
+
 def _decode(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -124,7 +131,11 @@ class HttpxTransport:
     """
 
     def __init__(self, max_connections: int = 512) -> None:
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # Idle connections expire before SGLang's 5 s keep-alive (SGLANG_TIMEOUT_KEEP_ALIVE)
+        # closes them, so a request is never sent on a socket the server is closing.
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=2.0
+        )
         self._client = httpx.Client(limits=limits, trust_env=False)
 
     def _timeout(self, timeouts: Timeouts, read: float) -> httpx.Timeout:
@@ -139,7 +150,7 @@ class HttpxTransport:
         except httpx.TimeoutException as exc:
             raise RequestTimeoutError(f"{url} did not answer in time ({type(exc).__name__})", server=url) from exc
         except httpx.TransportError as exc:
-            raise ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=url, unreachable=True) from exc
+            raise _transport_error(url, exc) from exc
         return Response(answer.status_code, _decode(answer), url)
 
     def stream(self, url: str, *, json_body: Any, timeouts: Timeouts, deadline: float | None = None) -> Iterator[dict]:
@@ -160,7 +171,7 @@ class HttpxTransport:
         except httpx.TimeoutException as exc:
             raise RequestTimeoutError(f"{url} went silent mid-stream ({type(exc).__name__})", server=url) from exc
         except httpx.TransportError as exc:
-            raise ServerUnavailableError(f"stream from {url} broke: {exc!r}", server=url, unreachable=True) from exc
+            raise _transport_error(url, exc) from exc
 
     def close(self) -> None:
         self._client.close()

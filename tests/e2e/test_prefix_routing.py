@@ -1,0 +1,59 @@
+"""Cache-aware prefill routing on real servers: a prefix group stays where its KV is."""
+
+from __future__ import annotations
+
+import sglang as sgl
+from transformers import AutoTokenizer
+
+from backends import ensure_tiny_model
+
+
+def _prefix(topic: str) -> str:
+    lines = [f"Rule {i} of the {topic} handbook: entry {i * 11} must be filed under shelf {i % 9}." for i in range(11)]
+    return "\n".join(lines) + "\n"
+
+
+@sgl.function
+def grouped_question(s, prefix, question):
+    s += prefix
+    s += "Q: " + question + "\nA:" + sgl.gen("answer", max_tokens=3, temperature=0)
+
+
+def test_prefix_groups_stay_on_their_prefill_server(pd_backend):
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    sgl.flush_cache(backend=pd_backend)
+    placements = {}
+    for topic in ("orchard", "harbour"):
+        prefix = _prefix(topic)
+        prefix_tokens = len(tokenizer(prefix)["input_ids"])
+        assert 250 <= prefix_tokens <= 600
+        program = grouped_question.bind(prefix=prefix)  # a bound constant: run_batch hoists it
+        before = len(pd_backend.metrics.records())
+        states = program.run_batch([{"question": f"Where is item {i}?"} for i in range(64)], backend=pd_backend)
+        assert [s.error() for s in states] == [None] * 64
+        records = pd_backend.metrics.records()[before:]
+        warm = [r for r in records if r.kind == "warm"]
+        gens = [r for r in records if r.kind == "gen"]
+        assert len(warm) == 1 and len(gens) == 64
+        # Every request after the warm-up found the prefix cached on its prefill server...
+        assert min(r.cached_tokens for r in gens) >= 0.9 * prefix_tokens
+        # ...because they all went to the server the warm-up went to.
+        assert {r.prefill for r in gens} == {warm[0].prefill}
+        placements[topic] = warm[0].prefill
+    # The second group went to the other, emptier prefill server.
+    assert placements["orchard"] != placements["harbour"]
+
+
+def test_whole_conversation_routing_follows_the_history(pd_backend):
+    """Turn N+1 resends turns 1..N; it must land where turn N's KV is (not just the first message's)."""
+    history = "System: you are a ship's log.\n"
+    servers = []
+    for turn in range(4):
+        history += f"User: entry {turn} " + "wind north, sea calm, course steady. " * 12 + "\nAssistant:"
+        answer = pd_backend.request({"text": history, "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
+        history += answer["text"] + "\n"
+        record = pd_backend.metrics.records()[-1]
+        servers.append(record.prefill)
+        if turn:
+            assert answer["meta_info"]["cached_tokens"] > 0.5 * answer["meta_info"]["prompt_tokens"]
+    assert len(set(servers)) == 1
