@@ -90,7 +90,7 @@ class Dispatcher:
         for rid in rids:
             try:
                 self.transport.request("POST", f"{server}/abort_request", json_body={"rid": rid}, timeouts=quick)
-            except PDError as exc:
+            except Exception as exc:  # noqa: BLE001 - also a closed client during shutdown
                 logger.debug("abort of %s on %s failed: %s", rid, server, exc)
 
     def _leg(self, server: str, body: dict, deadline: float, track: Track) -> LegOutcome:

@@ -1,0 +1,100 @@
+"""Servers killed under load: no request lost, none waits out SGLang's 300 s timeouts.
+
+These tests SIGKILL servers of the session cluster and restart them before
+they end, so the tests after them find the cluster whole again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sglang as sgl
+
+from backends import DecodeFailedError, NoHealthyServerError
+
+
+@pytest.fixture
+def owned(cluster):
+    if getattr(cluster, "reused", False):
+        pytest.skip("fault injection needs servers started by this test session")
+    return cluster
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@sgl.function
+def numbered(s, i):
+    s += f"Item {i}: the value of entry {i * 37 % 101} is" + sgl.gen("value", max_tokens=6, temperature=0)
+
+
+def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_backend):
+    items = [{"i": i} for i in range(64)]
+    expected = [state["value"] for state in numbered.run_batch(items, backend=colocated_backend)]
+    victim = owned.prefill_urls[0]
+    before = len(pd_backend.metrics.records())
+    finished: dict[str, list] = {}
+    batch = threading.Thread(target=lambda: finished.setdefault("states", numbered.run_batch(items, backend=pd_backend)))
+    batch.start()
+    _wait(lambda: any(r.prefill == victim for r in pd_backend.metrics.records()[before:]), 60, "traffic on the victim")
+    killed_at = time.monotonic()
+    owned.kill("prefill", 0)
+    batch.join(timeout=180)
+    assert not batch.is_alive(), "run_batch hung after a prefill server died"
+
+    states = finished["states"]
+    assert [s.error() for s in states] == [None] * 64
+    assert [s["value"] for s in states] == expected  # correct outputs, not just outputs
+    records = [r for r in pd_backend.metrics.records()[before:] if r.kind == "gen"]
+    assert len(records) == 64
+    assert max(r.total for r in records) < 60, "a request waited on a dead server"
+    retried = [r for r in records if victim in r.failed_servers]
+    assert retried, "the kill hit no request in flight; the test proved nothing"
+    assert all(r.prefill != victim and r.error is None for r in retried)
+    assert time.monotonic() - killed_at < 90
+    assert pd_backend.health()[victim]["healthy"] is False
+
+    owned.restart("prefill", 0)
+    _wait(lambda: pd_backend.health()[victim]["healthy"], 30, "the restarted prefill to rejoin")
+    for i in range(4):
+        pd_backend.request({"text": f"Back in rotation? {i} " * 5, "sampling_params": {"max_new_tokens": 2}})
+    assert victim in {r.prefill for r in pd_backend.metrics.records()[-4:]}
+
+
+def test_decode_killed_mid_request_fails_fast_and_clearly(owned, pd_backend):
+    victim = owned.decode_urls[0]
+    outcome: dict[str, object] = {}
+
+    def long_request() -> None:
+        body = {"text": "Write a very long story.", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
+        try:
+            outcome["answer"] = pd_backend.request(body)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+        outcome["done_at"] = time.monotonic()
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    _wait(lambda: pd_backend.loads().get(victim), 30, "the request to reach decode")
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    owned.kill("decode", 0)
+    worker.join(timeout=pd_backend.timeouts.total)
+    assert not worker.is_alive(), "the request hung after its decode server died"
+
+    error = outcome.get("error")
+    assert isinstance(error, (NoHealthyServerError, DecodeFailedError)), outcome
+    assert victim in str(error)
+    assert outcome["done_at"] - killed_at < 15  # configured total timeout is 120 s
+
+    owned.restart("decode", 0)
+    _wait(lambda: pd_backend.health()[victim]["healthy"], 30, "the restarted decode to rejoin")
+    answer = pd_backend.request({"text": "Still there?", "sampling_params": {"max_new_tokens": 3}})
+    assert answer["meta_info"]["completion_tokens"] == 3
