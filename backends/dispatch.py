@@ -141,7 +141,7 @@ class Dispatcher:
             self.abort(target.prefill, rids_of(prefill_body))
             raise RequestTimeoutError(f"prefill leg on {target.prefill} never answered", server=target.prefill)
         except PDError as exc:
-            raise _as_prefill_error(exc, target.prefill) from exc
+            raise _as_leg_error(exc, target.prefill, PrefillFailedError) from exc
         return prefill, decode
 
     def pair_stream(
@@ -190,24 +190,12 @@ def _failed(future: Future) -> bool:
     return future.cancelled() or future.exception() is not None
 
 
-def _as_prefill_error(error: BaseException, server: str) -> BaseException:
-    if isinstance(error, (BadRequestError, RequestTimeoutError, PrefillFailedError)):
+def _as_leg_error(error: BaseException, server: str, leg: type[ServerUnavailableError]) -> BaseException:
+    """Name the failed leg; caller errors, timeouts and already-named failures pass unchanged."""
+    if isinstance(error, (BadRequestError, RequestTimeoutError, leg)) or not isinstance(error, ServerUnavailableError):
         return error
-    if isinstance(error, ServerUnavailableError):
-        return PrefillFailedError(
-            f"prefill leg failed: {error}", server=server, status=error.status, unreachable=error.unreachable
-        )
-    return error
-
-
-def _as_decode_error(error: BaseException, server: str) -> BaseException:
-    if isinstance(error, (BadRequestError, RequestTimeoutError, DecodeFailedError)):
-        return error
-    if isinstance(error, ServerUnavailableError):
-        return DecodeFailedError(
-            f"decode leg failed: {error}", server=server, status=error.status, unreachable=error.unreachable
-        )
-    return error
+    role = "prefill" if leg is PrefillFailedError else "decode"
+    return leg(f"{role} leg failed: {error}", server=server, status=error.status, unreachable=error.unreachable)
 
 
 def _root_cause(target: PairTarget, prefill_future: Future, decode_error: BaseException) -> BaseException:
@@ -221,5 +209,5 @@ def _root_cause(target: PairTarget, prefill_future: Future, decode_error: BaseEx
     if isinstance(decode_error, BadRequestError):
         return decode_error
     if prefill_future.done() and not prefill_future.cancelled() and prefill_future.exception() is not None:
-        return _as_prefill_error(prefill_future.exception(), target.prefill)
-    return _as_decode_error(decode_error, target.decode)
+        return _as_leg_error(prefill_future.exception(), target.prefill, PrefillFailedError)
+    return _as_leg_error(decode_error, target.decode, DecodeFailedError)
