@@ -57,3 +57,20 @@ def test_whole_conversation_routing_follows_the_history(pd_backend):
         if turn:
             assert answer["meta_info"]["cached_tokens"] > 0.5 * answer["meta_info"]["prompt_tokens"]
     assert len(set(servers)) == 1
+
+
+def test_conditional_disaggregation_sends_short_prompts_to_the_colocated_server(cluster):
+    from backends import PDBackend
+
+    backend = PDBackend(prefill=cluster.prefill_urls, decode=cluster.decode_urls, colocated=cluster.colocated_urls,
+                        colocated_below_tokens=64)
+    try:
+        short = backend.request({"text": "Hi there", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        long_text = "A long report line about the harbour tides and the ships. " * 30
+        long = backend.request({"text": long_text, "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        modes = [(r.mode, r.colocated, r.prefill) for r in backend.metrics.records()]
+        assert modes[0] == ("colocated", cluster.colocated_urls[0], None)
+        assert modes[1][0] == "pd" and modes[1][2] in cluster.prefill_urls
+        assert short["meta_info"]["completion_tokens"] == long["meta_info"]["completion_tokens"] == 4
+    finally:
+        backend.shutdown()
