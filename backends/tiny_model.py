@@ -7,7 +7,7 @@ byte-level BPE tokenizer trained on a fixed list of Python standard-library
 files is enough: its text is nonsense, but greedy output is deterministic, so a
 PD pair can be checked token for token against a colocated server.
 
-The model is built once and cached under ``$SGL_PD_CACHE/models`` (default
+The model is built once and cached under ``$SGLPD_CACHE/models`` (default
 ``~/.cache/sgl-pd/models``). Building goes to a temporary directory first and
 is published with one atomic ``rename``, so two processes racing to build it
 both end up using one complete copy. Nothing is downloaded.
@@ -49,8 +49,8 @@ _CORPUS_FILES = (
 
 
 def default_cache_dir() -> Path:
-    """Return the models cache folder (``$SGL_PD_CACHE/models`` or ``~/.cache/sgl-pd/models``)."""
-    root = os.environ.get("SGL_PD_CACHE")
+    """Return the models cache folder (``$SGLPD_CACHE/models`` or ``~/.cache/sgl-pd/models``)."""
+    root = os.environ.get("SGLPD_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "sgl-pd"
     return base / "models"
 

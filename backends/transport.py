@@ -94,6 +94,10 @@ def raise_for_stream_event(event: dict, url: str) -> None:
     if "error" in event:
         error = event["error"]
         message = error.get("message", error) if isinstance(error, dict) else error
+        code = error.get("code") if isinstance(error, dict) else None
+        if isinstance(code, int) and 400 <= code < 500 and code not in (408, 429):
+            # e.g. a prompt longer than the context: the request's fault, like an HTTP 4xx
+            raise BadRequestError(f"{url} refused the request mid-stream: {message}", server=url, status=code)
         raise ServerUnavailableError(f"{url} reported an error mid-stream: {message}", server=url)
 
 

@@ -6,14 +6,14 @@
 #   bash recipes/env.sh python -m recipes.pd_demo
 #   bash recipes/env.sh python -m pytest -q
 #
-# SGL_PD_VENV   where the environment lives (default ~/.cache/sgl-pd/venv; it is
+# SGLPD_VENV   where the environment lives (default ~/.cache/sgl-pd/venv; it is
 #               shared by every clone, since a full sglang install is ~11 GB)
-# SGL_PD_PYTHON interpreter used to create it (default python3; needs 3.10+)
+# SGLPD_PYTHON interpreter used to create it (default python3; needs 3.10+)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${SGL_PD_VENV:-$HOME/.cache/sgl-pd/venv}"
-python="${SGL_PD_PYTHON:-python3}"
+venv="${SGLPD_VENV:-$HOME/.cache/sgl-pd/venv}"
+python="${SGLPD_PYTHON:-python3}"
 
 # Mooncake's TCP transport (PD on CPU) links against the RDMA user libraries.
 if ! ldconfig -p | grep 'libibverbs.so.1' > /dev/null; then  # not grep -q: SIGPIPE + pipefail

@@ -49,7 +49,7 @@ def test_second_call_reuses_cache(two_builds):
 def test_env_var_moves_default_cache(monkeypatch, tmp_path):
     from backends.tiny_model import default_cache_dir
 
-    monkeypatch.setenv("SGL_PD_CACHE", str(tmp_path))
+    monkeypatch.setenv("SGLPD_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "models"
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 __version__ = "0.0.0+sgl-pd-cpu-standin"
 
 #: Marker callers can check to tell the stand-in from the real package.
-IS_SGL_PD_CPU_STANDIN = True
+IS_SGLPD_CPU_STANDIN = True
 
 
 def assign_req_to_token_pool_cpu(

@@ -1,12 +1,15 @@
-"""Real SGLang servers for the end-to-end tests, started once per session.
+"""Real SGLang servers for the end-to-end and recipe tests, started once per session.
+
+Top level so that ``tests/e2e`` and ``tests/recipes`` share ONE session
+cluster (fixtures are lazy: unit tests never start it).
 
 One cluster serves every e2e test: 2 prefill + 1 decode + 1 colocated server
 on the tiny model (about 14 GB and 100 s to start on 2 cores). The PD backend
 and the colocated backend run the same programs against it, so every e2e test
 compares PD with the colocated reference on the same weights.
 
-``SGL_PD_TEST_BASE_PORT`` moves the cluster's ports (default 30000).
-``SGL_PD_TEST_REUSE=1`` reuses servers already healthy on those ports (for
+``SGLPD_TEST_BASE_PORT`` moves the cluster's ports (default 30000).
+``SGLPD_TEST_REUSE=1`` reuses servers already healthy on those ports (for
 development: start them with ``python -m recipes.launch_pd --pd-ratio 2:1
 --colocated 1``); fault-injection tests are skipped then.
 """
@@ -25,7 +28,7 @@ from backends.transport import Timeouts
 
 
 def _config() -> SGLangPDConfig:
-    return SGLangPDConfig(pd_ratio=(2, 1), colocated=1, base_port=int(os.environ.get("SGL_PD_TEST_BASE_PORT", 30000)))
+    return SGLangPDConfig(pd_ratio=(2, 1), colocated=1, base_port=int(os.environ.get("SGLPD_TEST_BASE_PORT", 30000)))
 
 
 def _all_healthy(urls: list[str]) -> bool:
@@ -38,7 +41,7 @@ def _all_healthy(urls: list[str]) -> bool:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     config = _config()
-    if os.environ.get("SGL_PD_TEST_REUSE") == "1":
+    if os.environ.get("SGLPD_TEST_REUSE") == "1":
         specs = config.servers()
         if _all_healthy([s.url for s in specs]):
             urls = {role: [s.url for s in specs if s.role == role] for role in ("prefill", "decode", "colocated")}

@@ -1,0 +1,92 @@
+"""The adapter's own cost per request, with the servers replaced by instant in-process stubs.
+
+Why stubs: on real servers the adapter's work (routing, prefix hashing, room
+allocation, the prefill leg's pool thread, retries bookkeeping, metrics) hides
+behind milliseconds of model time. With servers that answer instantly through
+an :class:`~backends.InMemoryTransport`, what remains is the adapter itself.
+
+Baseline ("direct"): what any PD client must do at the least, calling the
+same stub handlers directly: one call to the prefill stub and one to the
+decode stub with the body, in the caller's thread. The difference is what the
+adapter adds. CPU time is the process's (``time.process_time``: every thread,
+including the prefill-leg pool), wall time is ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backends import InMemoryTransport, PDBackend
+
+METHOD = ("N requests through PDBackend.request on an InMemoryTransport whose stub prefill/decode servers answer "
+          "at once, against N direct calls of the same stub handlers (prefill then decode); process CPU time "
+          "(all threads) and wall time per request")
+
+_PREFILL = ("http://stub-prefill-0:1", "http://stub-prefill-1:1")
+_DECODE = ("http://stub-decode-0:1",)
+
+
+class StubServer:
+    """An SGLang server that answers the adapter's few routes at once (a copy of the idea of tests/fakes.py)."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self._answer = {"text": " ok", "output_ids": [1, 2],
+                        "meta_info": {"prompt_tokens": 1, "completion_tokens": 2, "cached_tokens": 0,
+                                      "finish_reason": {"type": "length"}}}
+
+    def __call__(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if path == "/generate":
+            return 200, self._answer
+        if path == "/model_info":
+            return 200, {"model_path": "stub-model", "disaggregation_mode": self.role}
+        if path == "/server_info":
+            return 200, {"disaggregation_bootstrap_port": 9000}
+        return 200, {}
+
+
+def _timed(call, count: int) -> dict[str, float]:
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i in range(count):
+        call(i)
+    return {"wall_us": (time.perf_counter() - wall0) / count * 1e6,
+            "cpu_us": (time.process_time() - cpu0) / count * 1e6}
+
+
+def _prompts(chars: int, count: int) -> list[str]:
+    # Distinct prompts sharing a long head, so the prefix index really hashes and matches.
+    head = ("shared head of the prompt " * (chars // 26 + 1))[: max(chars - 12, 0)]
+    return [f"{head}{i:012d}" for i in range(count)]
+
+
+def measure(requests: int = 2000, prompt_chars: tuple[int, ...] = (200, 8000)) -> dict[str, Any]:
+    """Microseconds per request through ``PDBackend.request`` and through direct stub calls."""
+    servers = {url: StubServer("prefill") for url in _PREFILL} | {url: StubServer("decode") for url in _DECODE}
+    transport = InMemoryTransport(servers)
+    backend = PDBackend(prefill=list(_PREFILL), decode=list(_DECODE), transport=transport, chat_template="chatml")
+    prefill_stub, decode_stub = servers[_PREFILL[0]], servers[_DECODE[0]]
+    cases = []
+    try:
+        for chars in prompt_chars:
+            prompts = _prompts(chars, requests)
+            bodies = [{"text": p, "sampling_params": {"max_new_tokens": 2}} for p in prompts]
+            for body in bodies[: min(50, requests)]:  # warm-up: imports, pool threads, allocator
+                backend.request(body)
+            transport.calls.clear()
+
+            def direct(i: int) -> None:
+                prefill_stub("POST", "/generate", bodies[i])
+                decode_stub("POST", "/generate", bodies[i])
+
+            adapter = _timed(lambda i: backend.request(bodies[i]), requests)
+            transport.calls.clear()  # the in-memory transport records every call; keep memory flat
+            baseline = _timed(direct, requests)
+            cases.append({
+                "prompt_chars": chars, "requests": requests, "adapter": adapter, "direct": baseline,
+                "added_wall_us": adapter["wall_us"] - baseline["wall_us"],
+                "added_cpu_us": adapter["cpu_us"] - baseline["cpu_us"],
+            })
+    finally:
+        backend.shutdown()
+    return {"method": METHOD, "cases": cases}
