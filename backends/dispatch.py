@@ -183,7 +183,7 @@ class Dispatcher:
         return prefill_future, events(), abort_both
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)  # a queued prefill leg must still run: its decode leg is already sent
 
 
 def _failed(future: Future) -> bool:

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from typing import Any, Iterator, Sequence
 
 from sglang.lang.backend.base_backend import BaseBackend
@@ -420,11 +421,15 @@ class PDBackend(BaseBackend):
         avoid: set[str] = set()
         track = self._tracker(sid)
 
-        def open_stream() -> tuple[Route, Any, Iterator[dict], Any, dict]:
+        def open_stream() -> tuple[Route, Any, Iterator[dict], Any, dict, ExitStack]:
             check_sampling(body)
             record.attempts += 1
             route = self._router.route(routing_text(body), avoid=avoid)
             _describe(record, route)
+            # Count the request as load from now on: its prefill (until the first chunk)
+            # is when other requests' routing most needs to see it.
+            load = ExitStack()
+            load.enter_context(self._router.in_flight(route))
             try:
                 if route.mode == "pd":
                     room = self._rooms.allocate(1)
@@ -437,28 +442,33 @@ class PDBackend(BaseBackend):
                     )
                 first = next(events)
             except StopIteration:
+                load.close()
                 raise ServerUnavailableError(f"{route.servers[-1]} ended the stream before any text", server=route.servers[-1])
             except PDError as exc:
+                load.close()
                 self._blame(exc, avoid, record)
                 raise
-            return route, prefill, events, abort, first
+            except BaseException:
+                load.close()
+                raise
+            return route, prefill, events, abort, first, load
 
         try:
-            route, prefill, events, abort, first = self.retry.retrying()(open_stream)
+            route, prefill, events, abort, first, load = self.retry.retrying()(open_stream)
         except PDError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             record.total = time.monotonic() - started
             self.metrics.record(record)
             raise self._explain(exc) from exc
-        return self._relay(record, started, route, prefill, events, abort, first)
+        return self._relay(record, started, route, prefill, events, abort, first, load)
 
-    def _relay(self, record, started, route, prefill, events, abort, first) -> Iterator[tuple[str, dict]]:
+    def _relay(self, record, started, route, prefill, events, abort, first, load) -> Iterator[tuple[str, dict]]:
         """Yield text deltas; the server sends cumulative text in every chunk."""
         record.ttft = time.monotonic() - started
         sent, last = 0, first
         finished = False
         try:
-            with self._router.in_flight(route):
+            with load:
                 for event in _chain(first, events):
                     last = event
                     text = event.get("text", "")

@@ -117,6 +117,7 @@ class Router:
             keys=keys,
         )
         logger.debug("route %s -> %s + %s (%s)", len(text), route.prefill.url, route.decode.url, route.reason)
+        self._claim(route)
         return route
 
     def _colocated_choice(self, text: str, keys: list[int], avoid: set[str]) -> Route | None:
@@ -136,7 +137,22 @@ class Router:
             reason = f"short_uncached({uncached}<{self.colocated_below_chars})->{choice.reason}"
         else:
             reason = choice.reason if not self._has_pd() else f"pd_unavailable->{choice.reason}"
-        return Route(mode="colocated", reason=reason, colocated=self._info("colocated", choice.server), keys=keys)
+        route = Route(mode="colocated", reason=reason, colocated=self._info("colocated", choice.server), keys=keys)
+        self._claim(route)
+        return route
+
+    def _claim(self, route: Route) -> None:
+        """Record the prompt as cached on the chosen server now, not after success.
+
+        Requests sharing the prefix that are routed while this one is still in
+        flight (a group's other requests, few-shot requests of one block) then
+        follow it to the same server instead of seeing no match and being spread
+        as cold prefills; sglang-router's tree is fed at decision time the same
+        way. :meth:`learned` refreshes the record on success; a claim left by a
+        failed attempt costs at most one later cache miss.
+        """
+        server = route.prefill or route.colocated
+        self.index.insert(server.url, route.keys)
 
     def out_of_rotation(self, role: str) -> str | None:
         """A description of the role's servers when none is in rotation, else ``None``."""

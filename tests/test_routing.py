@@ -75,3 +75,26 @@ def test_cache_aware_balances_when_loads_diverge():
 def test_cache_aware_rejects_bad_ratio():
     with pytest.raises(ValueError, match="min_match_ratio"):
         CacheAware(min_match_ratio=2)
+
+
+def test_router_claims_the_prefix_when_it_decides():
+    """A request routed while another of its group is still in flight follows it (no success needed)."""
+    from backends.health import HealthTracker
+    from backends.router import Router
+    from backends.routing import LeastLoaded
+    from backends.servers import ServerInfo
+
+    pools = {
+        "prefill": [ServerInfo(A, "prefill", "m", "a", 1), ServerInfo(B, "prefill", "m", "b", 1)],
+        "decode": [ServerInfo(C, "decode", "m", "c")],
+        "colocated": [],
+    }
+    router = Router(pools, HealthTracker([A, B, C], probe=lambda url: True), PrefixIndex(),
+                    {"prefill": CacheAware(), "decode": LeastLoaded(), "colocated": CacheAware()})
+    shared = "a long shared instruction block " * 20
+    first = router.route(shared + "question one")
+    with router.in_flight(first):
+        second = router.route(shared + "question two")
+        other = router.route("an unrelated prompt about something else entirely " * 10)
+    assert second.prefill.url == first.prefill.url and second.reason.startswith("prefill:prefix_match")
+    assert other.prefill.url != first.prefill.url
