@@ -40,14 +40,16 @@ class RetryPolicy:
     max_attempts
         Attempts in all, the first included.
     budget
-        Seconds after which no new attempt starts.
+        Seconds after the first attempt started after which no new attempt
+        starts. Generous by default: under load one attempt can run for a
+        minute before its connection breaks, and it still deserves a retry.
     backoff, max_backoff
         First and longest pause between attempts (exponential in between).
         Short: the next attempt goes to another server, not the same one.
     """
 
     max_attempts: int = 4
-    budget: float = 60.0
+    budget: float = 600.0
     backoff: float = 0.05
     max_backoff: float = 1.0
 

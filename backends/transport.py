@@ -135,10 +135,12 @@ class HttpxTransport:
     """
 
     def __init__(self, max_connections: int = 512) -> None:
-        # Idle connections expire before SGLang's 5 s keep-alive (SGLANG_TIMEOUT_KEEP_ALIVE)
-        # closes them, so a request is never sent on a socket the server is closing.
+        # No time-based expiry and no idle surplus: httpcore 1.0's pool may close an idle
+        # connection in one thread after assigning it to a request of another, which then
+        # fails with EBADF under load. Sockets SGLang closed (its keep-alive is 5 s) are
+        # still dropped: the pool sees them readable and discards them before reuse.
         limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=2.0
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=None
         )
         self._client = httpx.Client(limits=limits, trust_env=False)
 

@@ -43,9 +43,10 @@ def simple(config: SGLangPDConfig, max_tokens: int) -> None:
         started = time.monotonic()
         state = chat_completion.run(messages=[{"role": "user", "content": "Say something about runtimes."}],
                                     max_tokens=max_tokens, backend=backend)
+        error = state.error()  # run() returns at once; this waits for the program to finish
         elapsed = time.monotonic() - started
-        if state.error() is not None:
-            raise state.error()
+        if error is not None:
+            raise error
         meta = state.get_meta_info("reply")
         print(f"reply: {state['reply']!r}")
         print(f"Generated {meta['completion_tokens']} tokens in {elapsed:.3f}s")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         config = SGLangPDConfig(model_path=args.model, base_port=args.base_port, **shape)
         if config.is_tiny_model:
             print(TINY_MODEL_NOTE)
-        print(f"Starting {config.num_servers} runtime(s) (~50 s each on CPU)...", flush=True)
+        print(f"Starting {config.num_servers} runtime(s) (about a minute on CPU)...", flush=True)
         (simple if args.simple else programs)(config, args.max_tokens)
     except (ClusterStartError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

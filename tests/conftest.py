@@ -16,6 +16,7 @@ development: start them with ``python -m recipes.launch_pd --pd-ratio 2:1
 
 from __future__ import annotations
 
+import gc
 import os
 import types
 
@@ -25,17 +26,22 @@ import pytest
 from backends import PDCluster, SGLangPDConfig
 from backends.pd_backend import PDBackend
 from backends.transport import Timeouts
+from sgl_programs._threads import collector_paused
 
 
 def _config() -> SGLangPDConfig:
     return SGLangPDConfig(pd_ratio=(2, 1), colocated=1, base_port=int(os.environ.get("SGLPD_TEST_BASE_PORT", 30000)))
 
 
-def _all_healthy(urls: list[str]) -> bool:
-    try:
-        return all(httpx.get(f"{u}/health", timeout=10).status_code == 200 for u in urls)
-    except httpx.HTTPError:
-        return False
+def _unhealthy(urls: list[str]) -> list[str]:
+    down = []
+    for url in urls:
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code != 200:
+                down.append(url)
+        except httpx.HTTPError:
+            down.append(url)
+    return down
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +49,10 @@ def cluster(tmp_path_factory):
     config = _config()
     if os.environ.get("SGLPD_TEST_REUSE") == "1":
         specs = config.servers()
-        if _all_healthy([s.url for s in specs]):
+        down = _unhealthy([s.url for s in specs])
+        if down and len(down) < len(specs):
+            pytest.fail(f"SGLPD_TEST_REUSE=1 but these servers are not healthy: {down}; restart them or unset it")
+        if not down:
             urls = {role: [s.url for s in specs if s.role == role] for role in ("prefill", "decode", "colocated")}
             yield types.SimpleNamespace(
                 reused=True, prefill_urls=urls["prefill"], decode_urls=urls["decode"],
@@ -79,3 +88,17 @@ def colocated_backend(cluster):
 def any_backend(request, pd_backend, colocated_backend):
     """Each program test runs on both deployments."""
     return pd_backend if request.param == "pd" else colocated_backend
+
+
+@pytest.fixture(autouse=True)
+def _collector_paused_during_tests():
+    """No automatic cyclic GC while a test runs; one collection after it, from this thread.
+
+    CPython 3.11's collector can run inside ``Thread.start`` and free an SGLang
+    ``StreamExecutor`` whose ``__del__`` needs the lock ``Thread.start`` holds:
+    the process hangs (see ``sgl_programs/_threads.py``). Collecting here, outside
+    any thread start, is safe.
+    """
+    with collector_paused():
+        yield
+    gc.collect()

@@ -19,6 +19,7 @@ from backends import PDCluster, SGLangPDConfig
 config = SGLangPDConfig(pd_ratio=(0, 0), colocated=1, base_port=int(sys.argv[1]))
 with PDCluster(config):
     print("READY", flush=True)
+    sys.stdin.readline()  # the test says when, once it has seen the servers
     if sys.argv[2] == "raise":
         raise RuntimeError("a failing test inside the cluster")
     time.sleep(600)
@@ -50,7 +51,7 @@ def test_no_server_outlives_its_launcher():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     children = {
         how: subprocess.Popen([sys.executable, "-c", LAUNCHER, str(port), how], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for how, port in ends.items()
     }
     try:
@@ -58,6 +59,8 @@ def test_no_server_outlives_its_launcher():
             _wait_ready(child, timeout=300)
         for port in ends.values():
             assert _servers_on(port), f"no server found on port {port} while its launcher runs"
+        children["raise"].stdin.write("go\n")
+        children["raise"].stdin.flush()
         children["sigint"].send_signal(signal.SIGINT)
         children["sigkill"].kill()
         for how, child in children.items():

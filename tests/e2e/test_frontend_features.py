@@ -44,7 +44,8 @@ def constrained(s, name):
 
 SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 8}, "count": {"type": "integer"}},
+    # Bounded values: the random model would otherwise write digits until max_tokens.
+    "properties": {"name": {"type": "string", "maxLength": 8}, "count": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["name", "count"],
     "additionalProperties": False,
 }
@@ -52,7 +53,7 @@ SCHEMA = {
 
 @sgl.function
 def json_record(s):
-    s += "Output a JSON record: " + sgl.gen("record", max_tokens=48, json_schema=json.dumps(SCHEMA), temperature=0)
+    s += "Output a JSON record: " + sgl.gen("record", max_tokens=64, json_schema=json.dumps(SCHEMA), temperature=0)
 
 
 @sgl.function

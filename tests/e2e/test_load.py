@@ -38,6 +38,7 @@ def test_1000_requests_at_concurrency_128(pd_backend, cluster):
     assert all(a["meta_info"]["completion_tokens"] >= 1 for a in answers)
     assert pd_backend.metrics.summary()["errors"] == errors_before
     assert not pd_backend.loads(), "requests still counted in flight after all answered"
-    # Steady state: the second round added no threads and no connections.
-    assert threading.active_count() <= threads_after_first
+    # Steady state: the second round grew nothing per request. Two threads of slack: the
+    # health prober starts on a first failure, and the leg pool starts threads lazily.
+    assert threading.active_count() <= threads_after_first + 2
     assert _open_connections(ports) <= max(connections_after_first, 2 * 128)
