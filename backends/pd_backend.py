@@ -251,12 +251,17 @@ class PDBackend(BaseBackend):
             for server, rid in legs:
                 self._dispatcher.abort(server, [rid])
 
-    def flush_cache(self) -> None:
-        """Empty every server's radix cache (and the adapter's record of them)."""
+    def flush_cache(self, wait: float = 30.0) -> None:
+        """Empty every server's radix cache (and the adapter's record of them).
+
+        SGLang refuses to flush while requests run; each server is given up to
+        ``wait`` seconds to drain first.
+        """
         failures = []
+        limits = Timeouts(connect=self.timeouts.connect, first_byte=wait + 30.0, total=wait + 30.0)
         for info in self._all_servers():
             try:
-                answer = self._transport.request("POST", f"{info.url}/flush_cache", timeouts=self.timeouts)
+                answer = self._transport.request("POST", f"{info.url}/flush_cache?timeout={wait}", timeouts=limits)
                 if not answer.ok:
                     failures.append(f"{info.url}: HTTP {answer.status} {answer.error_message()}")
             except PDError as exc:
