@@ -11,7 +11,6 @@ blocks run).
 from __future__ import annotations
 
 import atexit
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 import httpx
+
+from backends._procs import stop_groups
 
 
 def router_argv(prefill: Sequence[tuple[str, int]], decode: Sequence[str], *, host: str, port: int,
@@ -111,16 +112,7 @@ class RouterProcess:
         """Stop the router's process group (SIGTERM, then SIGKILL). Idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_groups([proc], grace=10.0)
         atexit.unregister(self.close)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)

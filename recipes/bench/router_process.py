@@ -10,9 +10,7 @@ on this range too.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from backends._procs import stop_groups
 from recipes.bench.routes import HttpRoute
 
 
@@ -157,15 +156,5 @@ class RouterRoute(HttpRoute):
     def close(self) -> None:
         super().close()
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        if proc is not None:
+            stop_groups([proc], grace=10.0)
