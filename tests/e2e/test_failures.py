@@ -1,7 +1,8 @@
 """Servers killed under load: no request lost, none waits out SGLang's 300 s timeouts.
 
-These tests SIGKILL servers of the session cluster and restart them before
-they end, so the tests after them find the cluster whole again.
+These tests SIGKILL servers of the session cluster. The ``owned`` fixture
+restarts any server a test left dead, also when the test fails, so the tests
+after them always find the cluster whole.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from backends import DecodeFailedError, NoHealthyServerError
 def owned(cluster):
     if getattr(cluster, "reused", False):
         pytest.skip("fault injection needs servers started by this test session")
-    return cluster
+    yield cluster
+    for spec in cluster.servers:
+        if spec.name in cluster.exited():
+            cluster.restart(spec.role, spec.index)
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -32,7 +36,12 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 @sgl.function
 def numbered(s, i):
-    s += f"Item {i}: the value of entry {i * 37 % 101} is" + sgl.gen("value", max_tokens=6, temperature=0)
+    # A distinct ~150-token prompt per item: the prefill servers have a queue
+    # for the whole first seconds of the batch, so the kill meets prefill legs
+    # still waiting on the victim.
+    ledger = " ".join(f"entry {(i * 37 + k) % 101} holds {(i * 13 + k * 7) % 97};" for k in range(20))
+    s += f"Ledger {i}: {ledger} Item {i}: the value of entry {i * 37 % 101} is" + sgl.gen(
+        "value", max_tokens=6, temperature=0)
 
 
 def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_backend):
@@ -43,7 +52,9 @@ def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_bac
     finished: dict[str, list] = {}
     batch = threading.Thread(target=lambda: finished.setdefault("states", numbered.run_batch(items, backend=pd_backend)))
     batch.start()
-    _wait(lambda: any(r.prefill == victim for r in pd_backend.metrics.records()[before:]), 60, "traffic on the victim")
+    # Kill while the victim holds queued prefill legs, before any of its pairs has
+    # finished: waiting for a finished request lets the victim's queue drain first.
+    _wait(lambda: pd_backend.loads().get(victim, 0) >= 8, 60, "requests queued on the victim")
     killed_at = time.monotonic()
     owned.kill("prefill", 0)
     batch.join(timeout=180)
