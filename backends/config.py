@@ -131,7 +131,9 @@ class SGLangPDConfig:
         device : {"cpu", "cuda"}, optional
             Override the resolved device (unit tests plan GPU layouts on CPU).
         gpu_count : int, optional
-            GPUs available for ``cuda`` plans; default: detected.
+            GPUs of the machine being planned, used as ids ``0..gpu_count-1``
+            (e.g. another node). Default: this machine's GPUs, honouring its
+            ``CUDA_VISIBLE_DEVICES``.
         """
         device = device or self.resolved_device()
         return plan_servers(self, self.resolved_model_path(), device, gpu_count)

@@ -93,9 +93,13 @@ def _gpu_plan(cfg: "SGLangPDConfig", device: str, gpu_count: int | None
             f"{available} are visible; lower pd_ratio/colocated/tp_size or use "
             f"device='cpu' (this launcher starts servers on one machine only)."
         )
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    physical = [int(v) for v in visible.split(",") if v.strip().isdigit()]
-    physical = physical or list(range(available))
+    if gpu_count is not None:
+        # Planning for a machine given by its GPU count (maybe not this one):
+        # this process's CUDA_VISIBLE_DEVICES says nothing about it.
+        physical = list(range(gpu_count))
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        physical = [int(v) for v in visible.split(",") if v.strip().isdigit()] or list(range(available))
     t = cfg.tp_size
     return [tuple(physical[s * t:(s + 1) * t]) for s in range(cfg.num_servers)]
 

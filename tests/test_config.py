@@ -125,6 +125,15 @@ def test_gpu_flags_env_and_gpu_ids():
     assert "--disable-prefill-cuda-graph" not in d0.argv
 
 
+def test_local_plan_uses_the_visible_gpus_and_a_given_count_ignores_them(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(cpu, "gpu_count", lambda: 4)
+    cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2)
+    assert [s.gpu_ids for s in cfg.servers(device="cuda")] == [(4, 5), (6, 7)]
+    # A count given explicitly plans some machine's GPUs 0..n-1 (multinode_plan).
+    assert [s.gpu_ids for s in cfg.servers(device="cuda", gpu_count=4)] == [(0, 1), (2, 3)]
+
+
 def test_gpu_plan_refuses_too_few_gpus():
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2)
     with pytest.raises(ValueError, match="need 4 GPUs"):
