@@ -16,6 +16,7 @@ them knows about PD. Long prompts live in ``sgl_programs/templates/*.j2``.
 ``extract_json``            output constrained by a JSON schema, returned parsed
 ``classify``                one label among choices (``sgl.select``)
 ``draft_and_judge``         parallel drafts with ``fork``, then a judging select
+``collector_paused``        no automatic GC in a block (Python < 3.13 hang, see README)
 ==========================  ==================================================
 """
 
@@ -26,6 +27,7 @@ from sgl_programs.classify import classify
 from sgl_programs.extraction import ExtractionError, compact_json_regex, extract_json, extract_regex
 from sgl_programs.qa import answer_questions, ask_document, default_examples, document_qa, few_shot_qa
 from sgl_programs.streaming import TextStream, stream_text
+from sgl_programs._threads import collector_paused
 
 __all__ = [
     "chat_completion",
@@ -46,4 +48,5 @@ __all__ = [
     "ExtractionError",
     "classify",
     "draft_and_judge",
+    "collector_paused",
 ]

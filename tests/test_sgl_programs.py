@@ -5,6 +5,7 @@ The end-to-end behaviour of every program is in ``tests/e2e/test_programs.py``.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 
@@ -16,6 +17,7 @@ from sglang.lang.tracer import extract_prefix_by_tracing
 from sgl_programs import (
     chat_completion,
     classify,
+    collector_paused,
     compact_json_regex,
     default_examples,
     document_qa,
@@ -78,3 +80,18 @@ def test_program_functions_raise_type_error_on_placeholders():
     # What run_batch's tracer passes: it only survives TypeError/AttributeError.
     assert extract_prefix_by_tracing(classify, BaseBackend()) == ""
     assert extract_prefix_by_tracing(chat_completion, BaseBackend()) == ""
+
+
+def test_collector_paused_restores_the_collectors_previous_state():
+    assert gc.isenabled() is False  # the suite's autouse fixture pauses it for every test
+    gc.enable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        gc.disable()
+        with pytest.raises(RuntimeError), collector_paused():
+            raise RuntimeError("inside")
+        assert not gc.isenabled()  # stays as it was before the block
+    finally:
+        gc.disable()
