@@ -5,7 +5,9 @@ leg only after its KV reached the decode server, so awaiting prefill first
 would hang until the 300 s bootstrap timeout. The prefill leg runs on a pool
 thread, the decode leg on the caller's. When either fails, the other is
 aborted at once with ``/abort_request`` (SGLang then frees the slot and answers
-500 within milliseconds) so no server holds a dead request for minutes.
+500 within milliseconds), and aborted again until it answers
+(:mod:`backends.aborts`: an abort can overtake its request), so no server
+holds a dead request for minutes.
 
 Failures are blamed on the right leg: a decode leg that dies because its
 prefill died is a prefill failure, and a 4xx from either leg is the caller's.
@@ -14,6 +16,7 @@ prefill died is a prefill failure, and a 4xx from either leg is the caller's.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from backends.aborts import AbortFollowUp
 from backends.errors import (
     BadRequestError,
     DecodeFailedError,
@@ -83,6 +87,7 @@ class Dispatcher:
         self.transport = transport
         self.timeouts = timeouts
         self._pool = ThreadPoolExecutor(max_workers=max_pairs, thread_name_prefix="pd-prefill-leg")
+        self._follow_up = AbortFollowUp(self.abort)
 
     def abort(self, server: str, rids: list[str]) -> None:
         """Ask a server to drop requests; never raises (the server may be the dead one)."""
@@ -92,6 +97,11 @@ class Dispatcher:
                 self.transport.request("POST", f"{server}/abort_request", json_body={"rid": rid}, timeouts=quick)
             except Exception as exc:  # noqa: BLE001 - also a closed client during shutdown
                 logger.debug("abort of %s on %s failed: %s", rid, server, exc)
+
+    def abort_until_answered(self, server: str, rids: list[str], answered: threading.Event, deadline: float) -> None:
+        """Abort now, and again until the leg has ``answered`` (or ``deadline`` passes)."""
+        self.abort(server, rids)
+        self._follow_up.watch(server, rids, answered, deadline)
 
     def _leg(self, server: str, body: dict, deadline: float, track: Track) -> LegOutcome:
         rids = rids_of(body)
@@ -126,14 +136,19 @@ class Dispatcher:
         """Both legs concurrently; returns (prefill, decode) outcomes or raises the root cause."""
         prefill_body, decode_body = self._legs(target, body, room)
         deadline = time.monotonic() + self.timeouts.total
-        prefill_future = self._pool.submit(self._leg, target.prefill, prefill_body, deadline, track)
-        prefill_future.add_done_callback(lambda f: _failed(f) and self.abort(target.decode, rids_of(decode_body)))
+        prefill_answered, decode_answered = threading.Event(), threading.Event()
+        prefill_future = self._submit_prefill(target, prefill_body, deadline, track, prefill_answered)
+        prefill_future.add_done_callback(lambda f: _failed(f) and self.abort_until_answered(
+            target.decode, rids_of(decode_body), decode_answered, deadline))
         try:
-            decode = self._leg(target.decode, decode_body, deadline, track)
+            try:
+                decode = self._leg(target.decode, decode_body, deadline, track)
+            finally:
+                decode_answered.set()
         except BaseException as decode_error:
             cause = _root_cause(target, prefill_future, decode_error)  # before the abort muddles it
             if not prefill_future.done():
-                self.abort(target.prefill, rids_of(prefill_body))
+                self.abort_until_answered(target.prefill, rids_of(prefill_body), prefill_answered, deadline)
             raise cause from decode_error
         try:
             prefill = prefill_future.result(timeout=max(0.1, deadline - time.monotonic()))
@@ -156,12 +171,14 @@ class Dispatcher:
         decode_body["stream"] = True
         prefill_body = {k: v for k, v in prefill_body.items() if k != "stream"}
         deadline = time.monotonic() + self.timeouts.total
-        prefill_future = self._pool.submit(self._leg, target.prefill, prefill_body, deadline, track)
-        prefill_future.add_done_callback(lambda f: _failed(f) and self.abort(target.decode, rids_of(decode_body)))
+        prefill_answered, decode_answered = threading.Event(), threading.Event()
+        prefill_future = self._submit_prefill(target, prefill_body, deadline, track, prefill_answered)
+        prefill_future.add_done_callback(lambda f: _failed(f) and self.abort_until_answered(
+            target.decode, rids_of(decode_body), decode_answered, deadline))
 
         def abort_both() -> None:
             if not prefill_future.done():
-                self.abort(target.prefill, rids_of(prefill_body))
+                self.abort_until_answered(target.prefill, rids_of(prefill_body), prefill_answered, deadline)
             self.abort(target.decode, rids_of(decode_body))
 
         def events() -> Iterator[dict]:
@@ -173,17 +190,25 @@ class Dispatcher:
             except BaseException as decode_error:
                 cause = _root_cause(target, prefill_future, decode_error)
                 if not prefill_future.done():
-                    self.abort(target.prefill, rids_of(prefill_body))
+                    self.abort_until_answered(target.prefill, rids_of(prefill_body), prefill_answered, deadline)
                 if isinstance(decode_error, GeneratorExit):
                     raise
                 raise cause from decode_error
             finally:
+                decode_answered.set()
                 track(target.decode, rids_of(decode_body), False)
 
         return prefill_future, events(), abort_both
 
+    def _submit_prefill(self, target: PairTarget, body: dict, deadline: float, track: Track,
+                        answered: threading.Event) -> Future:
+        future = self._pool.submit(self._leg, target.prefill, body, deadline, track)
+        future.add_done_callback(lambda f: answered.set())
+        return future
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)  # a queued prefill leg must still run: its decode leg is already sent
+        self._follow_up.close()
 
 
 def _failed(future: Future) -> bool:

@@ -7,6 +7,7 @@ can be told to fail. Real-server tests of the same behaviour live in tests/e2e.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
@@ -19,6 +20,12 @@ class FakeServer:
         Raise ``ConnectionError`` on every request (a killed process).
     generate_status
         Status to answer ``/generate`` with (e.g. 500 or 400) instead of success.
+    arrival_delay
+        Seconds a ``/generate`` takes to reach the scheduler; an abort for its
+        rid before then is ignored, as SGLang ignores aborts of unknown rids.
+    hold
+        Seconds a ``/generate`` waits for its missing partner leg (SGLang: up to
+        300 s) unless aborted, which answers 500 at once; 0 answers at once.
     """
 
     def __init__(self, role: str, model: str = "tiny", bootstrap_port: int = 9000, reply: str = " reply") -> None:
@@ -30,7 +37,23 @@ class FakeServer:
         self.generate_status = 200
         self.generated: list[dict] = []
         self.aborted: list[str] = []
+        self.arrival_delay = 0.0
+        self.hold = 0.0
+        self.released_by_abort: list[str] = []
+        self._held: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
+
+    def _wait_for_partner(self, rid: str) -> bool:
+        """Hold a lone leg; True when an abort released it."""
+        time.sleep(self.arrival_delay)
+        released = threading.Event()
+        with self.lock:
+            self._held[rid] = released
+        try:
+            return released.wait(self.hold)
+        finally:
+            with self.lock:
+                self._held.pop(rid, None)
 
     def _answer(self, body: dict, text: str) -> dict:
         meta = {"prompt_tokens": len(text) // 4, "completion_tokens": 2, "cached_tokens": 0,
@@ -55,12 +78,19 @@ class FakeServer:
         if path == "/abort_request":
             with self.lock:
                 self.aborted.append(body["rid"])
+                held = self._held.get(body["rid"])
+            if held is not None:
+                held.set()
             return 200, {}
         if path == "/generate":
             with self.lock:
                 self.generated.append(body)
             if self.generate_status != 200:
                 return self.generate_status, {"error": {"message": f"fake {self.generate_status}"}}
+            if self.hold and self._wait_for_partner(body.get("rid")):
+                with self.lock:
+                    self.released_by_abort.append(body.get("rid"))
+                return 500, {"error": {"message": "Aborted by AbortReq."}}
             if self.role in ("prefill", "decode") and "bootstrap_room" not in body:
                 return 400, {"error": {"message": "bootstrap_room is required in PD mode"}}
             texts = body.get("text")
