@@ -111,12 +111,23 @@ class HealthTracker:
             for url in due:
                 if self._stop.is_set():
                     return
-                if self._probe(url):
+                if self._probe_safely(url):
                     self._restore(url)
                 else:
                     with self._lock:
                         self._state[url].probe_at = time.monotonic() + self._interval
             self._stop.wait(min(self._interval, 0.5))
+
+    def _probe_safely(self, url: str) -> bool:
+        """One probe; an unexpected error counts as a failed probe instead of ending the prober.
+
+        A dead prober would keep every server that is out of rotation out for good.
+        """
+        try:
+            return bool(self._probe(url))
+        except Exception:  # noqa: BLE001 - logged, and the probe is retried
+            logger.exception("health probe of %s raised; trying again in %.1f s", url, self._interval)
+            return False
 
     def _restore(self, url: str) -> None:
         with self._lock:
@@ -128,7 +139,10 @@ class HealthTracker:
             state.out_since = None
         logger.warning("%s passed its health check; back in rotation", url)
         if self._on_recover is not None:
-            self._on_recover(url)
+            try:
+                self._on_recover(url)
+            except Exception:  # noqa: BLE001 - the server is back either way
+                logger.exception("on_recover(%s) raised", url)
 
     def close(self) -> None:
         self._stop.set()

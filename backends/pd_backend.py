@@ -420,7 +420,11 @@ class PDBackend(BaseBackend):
         self._health.record_failure(error.server, str(error), unreachable=error.unreachable)
 
     def _stream(self, kind: str, body: dict, *, sid: str | None) -> Iterator[tuple[str, dict]]:
-        """Retry until the first chunk arrives; after that a failure is a StreamInterruptedError."""
+        """Retry until the first chunk arrives; after that a failure is a StreamInterruptedError.
+
+        A generator: nothing is sent (and no load counted) until the first
+        ``next()``, so a stream that is never read holds no server slot.
+        """
         record = RequestRecord(kind=kind, attempts=0)
         started = time.monotonic()
         avoid: set[str] = set()
@@ -465,7 +469,7 @@ class PDBackend(BaseBackend):
             record.total = time.monotonic() - started
             self.metrics.record(record)
             raise self._explain(exc) from exc
-        return self._relay(record, started, route, prefill, events, abort, first, load)
+        yield from self._relay(record, started, route, prefill, events, abort, first, load)
 
     def _relay(self, record, started, route, prefill, events, abort, first, load) -> Iterator[tuple[str, dict]]:
         """Yield text deltas; the server sends cumulative text in every chunk."""

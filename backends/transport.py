@@ -110,8 +110,12 @@ def _remaining(deadline: float | None, fallback: float) -> float:
     return min(left, fallback)
 
 
-def _transport_error(url: str, exc: httpx.TransportError) -> ServerUnavailableError:
-    """A refused connection proves the server is down; a reset one may be a stale keep-alive."""
+def _transport_error(url: str, exc: httpx.TransportError | OSError) -> ServerUnavailableError:
+    """A refused connection proves the server is down; a reset one may be a stale keep-alive.
+
+    A bare ``OSError`` (httpcore's pool checks sockets with ``poll`` outside its
+    error mapping, so EBADF escapes raw) is a broken connection too.
+    """
     if isinstance(exc, httpx.ConnectError):
         return ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=url, unreachable=True)
     return ServerUnavailableError(f"connection to {url} broke: {exc!r}", server=url)
@@ -155,7 +159,7 @@ class HttpxTransport:
             answer = self._client.request(method, url, json=json_body, timeout=self._timeout(timeouts, read))
         except httpx.TimeoutException as exc:
             raise RequestTimeoutError(f"{url} did not answer in time ({type(exc).__name__})", server=url) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, OSError) as exc:
             raise _transport_error(url, exc) from exc
         return Response(answer.status_code, _decode(answer), url)
 
@@ -176,7 +180,7 @@ class HttpxTransport:
                         raise RequestTimeoutError(f"{url}: stream exceeded its total timeout", server=url)
         except httpx.TimeoutException as exc:
             raise RequestTimeoutError(f"{url} went silent mid-stream ({type(exc).__name__})", server=url) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, OSError) as exc:
             raise _transport_error(url, exc) from exc
 
     def close(self) -> None:

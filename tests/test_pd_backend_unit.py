@@ -140,6 +140,113 @@ def test_prefill_failure_aborts_decode_leg():
     assert d1.aborted and d1.aborted[0].endswith("-d")
 
 
+def _wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_an_abort_that_overtakes_its_leg_is_sent_again():
+    # Decode is dead, so the prefill leg is aborted at once; that leg reaches the
+    # server only 0.3 s later, when SGLang would ignore the abort and hold the leg
+    # for its partner until the 300 s bootstrap timeout (here 10 s).
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    p1.arrival_delay, p1.hold = 0.3, 10.0
+    backend, _ = make({P1: p1, D1: d1}, retry=RetryPolicy(max_attempts=1))
+    d1.dead = True
+    started = time.monotonic()
+    with pytest.raises((DecodeFailedError, NoHealthyServerError)):
+        backend.generate(state(), params())
+    assert time.monotonic() - started < 0.3  # the caller does not wait for the follow-up
+    rid = p1.generated[0]["rid"]
+    assert _wait_until(lambda: p1.released_by_abort == [rid], 3.0), "the held prefill leg was never aborted"
+    assert p1.aborted.count(rid) >= 2  # the first abort came too early; a later one freed it
+    assert _wait_until(lambda: backend._dispatcher._follow_up.pending() == 0, 3.0)
+    backend.shutdown()
+
+
+def test_abort_follow_up_stops_when_the_leg_answers_or_its_deadline_passes():
+    from backends.aborts import AbortFollowUp
+
+    sent = []
+    follow_up = AbortFollowUp(lambda server, rids: sent.append((server, *rids)), first_pause=0.02, max_pause=0.05)
+    try:
+        answered = threading.Event()
+        follow_up.watch("http://p", ["r1"], answered, deadline=time.monotonic() + 10)
+        assert _wait_until(lambda: len(sent) >= 3, 2.0)
+        answered.set()
+        time.sleep(0.15)
+        count = len(sent)
+        time.sleep(0.15)
+        assert len(sent) == count and set(sent) == {("http://p", "r1")}  # nothing after the answer
+
+        follow_up.watch("http://p", ["r2"], threading.Event(), deadline=time.monotonic() + 0.2)
+        time.sleep(0.5)
+        count = len(sent)
+        time.sleep(0.2)
+        assert len(sent) == count and ("http://p", "r2") in sent and follow_up.pending() == 0
+
+        already = threading.Event()
+        already.set()
+        follow_up.watch("http://p", ["r3"], already, deadline=time.monotonic() + 10)
+        assert follow_up.pending() == 0
+    finally:
+        follow_up.close()
+    assert not follow_up._thread.is_alive()
+
+
+def test_a_probe_that_raises_does_not_end_the_prober():
+    from backends.health import HealthTracker
+
+    outcomes = iter([RuntimeError("socket in a bad state"), False, True])
+
+    def probe(url):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    tracker = HealthTracker([P1], probe, probe_interval=0.02)
+    try:
+        tracker.record_failure(P1, "refused", unreachable=True)
+        assert tracker.available([P1]) == []
+        assert _wait_until(lambda: tracker.available([P1]) == [P1], 3.0), "the prober died on the first probe"
+    finally:
+        tracker.close()
+
+
+def test_a_bare_os_error_from_the_connection_pool_is_a_retryable_failure(monkeypatch):
+    import errno
+
+    import httpx
+
+    from backends.errors import ServerUnavailableError
+    from backends.transport import HttpxTransport, Timeouts
+
+    transport = HttpxTransport()
+
+    def bad_fd(*args, **kwargs):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(httpx.Client, "request", bad_fd)
+    with pytest.raises(ServerUnavailableError, match="broke") as caught:
+        transport.request("GET", "http://p1:1/health", timeouts=Timeouts())
+    assert caught.value.server == "http://p1:1/health" and not caught.value.unreachable
+    transport.close()
+
+
+def test_a_stream_never_iterated_sends_nothing_and_holds_no_load():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="abc")
+    backend, _ = make({P1: p1, D1: d1})
+    stream = backend.generate_stream(state(), params())
+    assert p1.generated == [] and d1.generated == [] and backend.loads() == {}
+    del stream
+    assert backend.loads() == {}
+    assert "".join(d for d, _ in backend.generate_stream(state(), params())) == "abc"
+    assert backend.loads() == {}
+
+
 def test_bad_request_is_not_retried():
     p1, d1 = FakeServer("prefill"), FakeServer("decode")
     backend, _ = make({P1: p1, D1: d1})
