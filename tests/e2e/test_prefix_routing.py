@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import sglang as sgl
 from transformers import AutoTokenizer
 
@@ -19,10 +21,21 @@ def grouped_question(s, prefix, question):
     s += "Q: " + question + "\nA:" + sgl.gen("answer", max_tokens=3, temperature=0)
 
 
+def _settled(backend, timeout: float = 30.0) -> None:
+    """Both prefill servers in rotation and nothing in flight: the state this test routes from."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(state["healthy"] for state in backend.health().values()) and not backend.loads():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the adapter did not settle: health {backend.health()}, loads {backend.loads()}")
+
+
 def test_prefix_groups_stay_on_their_prefill_server(pd_backend):
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    _settled(pd_backend)
     sgl.flush_cache(backend=pd_backend)
-    placements = {}
+    placements, reasons = {}, {}
     for topic in ("orchard", "harbour"):
         prefix = _prefix(topic)
         prefix_tokens = len(tokenizer(prefix)["input_ids"])
@@ -39,9 +52,9 @@ def test_prefix_groups_stay_on_their_prefill_server(pd_backend):
         assert min(r.cached_tokens for r in gens) >= 0.9 * prefix_tokens
         # ...because they all went to the server the warm-up went to.
         assert {r.prefill for r in gens} == {warm[0].prefill}
-        placements[topic] = warm[0].prefill
+        placements[topic], reasons[topic] = warm[0].prefill, warm[0].route_reason
     # The second group went to the other, emptier prefill server.
-    assert placements["orchard"] != placements["harbour"]
+    assert placements["orchard"] != placements["harbour"], (reasons, pd_backend.health())
 
 
 def test_whole_conversation_routing_follows_the_history(pd_backend):
