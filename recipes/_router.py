@@ -1,9 +1,11 @@
-"""SGLang's own router (sglang-router 0.3.2) in PD mode: its command line and its process.
+"""SGLang's own router (sglang-router 0.3.2): its command line and its process.
 
-Why here: ``router_frontend`` runs it and ``multinode_plan`` prints its command;
-both build that command with :func:`router_argv`. :class:`RouterProcess` owns
-the running router: it starts in its own session so that one ``killpg``
-reaches everything it spawned, and it is stopped on ``close()``, context exit,
+Why here: ``router_frontend`` and ``bench_failover`` run it, the benchmark runs
+one per route (``recipes.bench.router_process``) and ``multinode_plan`` prints
+its command; all build on :func:`router_argv` and :class:`RouterProcess`.
+
+A :class:`RouterProcess` starts in its own session so that one ``killpg``
+reaches everything it spawned, and is stopped on ``close()``, context exit,
 exceptions, ``atexit`` and SIGTERM (turned into ``SystemExit`` so ``finally``
 blocks run).
 """
@@ -22,6 +24,18 @@ import httpx
 
 from backends._procs import stop_groups
 
+LAUNCH_MODULE = "sglang_router.launch_router"
+
+#: ``python -m sglang_router.launch_router`` with one optional import blocked. The
+#: launcher imports its mini-lb, which tries ``sglang.srt.tracing.trace`` (inside a
+#: ``try/except ImportError``) and so loads all of SGLang and torch: ~850 MB RSS and
+#: ~8 s of CPU per router, for tracing that is off by default. Marking that module
+#: missing leaves every routing code path the same and makes a router ~100 MB and
+#: ready in ~2 s, which matters on a shared 24 GB machine (an OOM kill took down a
+#: shared prefill server while three full-size routers were up).
+_LIGHT_LAUNCH = ("import runpy, sys; sys.modules['sglang.srt.tracing.trace'] = None; "
+                 f"runpy.run_module('{LAUNCH_MODULE}', run_name='__main__', alter_sys=True)")
+
 
 def router_argv(prefill: Sequence[tuple[str, int]], decode: Sequence[str], *, host: str, port: int,
                 policy: str = "cache_aware", python: str = sys.executable) -> list[str]:
@@ -37,7 +51,7 @@ def router_argv(prefill: Sequence[tuple[str, int]], decode: Sequence[str], *, ho
         Where the router listens; its Prometheus exporter takes ``port + 1``
         (its default, 29000, would collide between two routers on one host).
     """
-    argv = [python, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
+    argv = [python, "-m", LAUNCH_MODULE, "--pd-disaggregation"]
     for url, bootstrap_port in prefill:
         argv += ["--prefill", url, str(bootstrap_port)]
     for url in decode:
@@ -46,17 +60,22 @@ def router_argv(prefill: Sequence[tuple[str, int]], decode: Sequence[str], *, ho
                    "--prometheus-port", str(port + 1)]
 
 
+class RouterPortTaken(RuntimeError):
+    """Another process bound the router's port between the caller's choice and the router's bind."""
+
+
 class RouterProcess:
-    """A running router; a context manager that always stops it.
+    """A running router (Rust, or its Python ``--mini-lb``); a context manager that always stops it.
 
     Parameters
     ----------
     argv
-        From :func:`router_argv`.
+        ``python -m sglang_router.launch_router ...``, e.g. from :func:`router_argv`;
+        run with the light launcher above (same router, no torch import).
     url
         Where it answers, e.g. ``http://127.0.0.1:30080``.
     log_path
-        File for its output.
+        File for its output (the command line is its first line).
     """
 
     def __init__(self, argv: list[str], url: str, log_path: Path) -> None:
@@ -66,38 +85,71 @@ class RouterProcess:
         self._proc: subprocess.Popen | None = None
         self._previous_sigterm = None
 
-    def __enter__(self) -> "RouterProcess":
+    def start(self) -> "RouterProcess":
+        """Start the process without waiting for it (its start-up is mostly imports)."""
+        argv = self.argv
+        if argv[1:3] == ["-m", LAUNCH_MODULE]:
+            argv = [argv[0], "-c", _LIGHT_LAUNCH, *argv[3:]]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        atexit.register(self.close)
-        self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         with open(self.log_path, "w", encoding="utf-8") as log:
-            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+            log.write("# " + " ".join(self.argv) + "\n")
+            log.flush()
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         return self
+
+    def __enter__(self) -> "RouterProcess":
+        atexit.register(self.close)
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def pid(self) -> int | None:
+        """The router's pid, which is also its session id (it runs in its own session)."""
+        return self._proc.pid if self._proc is not None else None
+
     def wait_ready(self, timeout: float) -> float:
-        """Wait until ``/readiness`` answers 200 (every worker registered); return the seconds waited.
+        """Wait until the router routes; return the seconds waited.
+
+        Ready means ``/readiness`` answers 200 (the Rust router: every worker
+        registered) or, where that path is 404 (``--mini-lb``), ``/health``.
 
         Raises
         ------
+        RouterPortTaken
+            It exited because its port was taken meanwhile (pick another, retry).
         RuntimeError
-            The router exited or is not ready in time, with the end of its log.
+            It exited otherwise or is not ready in time, with the end of its log.
         """
         started = time.monotonic()
         with httpx.Client(timeout=2.0, trust_env=False) as client:
             while time.monotonic() - started < timeout:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"the router exited with code {self._proc.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.get(f"{self.url}/readiness").status_code == 200:
-                        return time.monotonic() - started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+                if self._proc is None or self._proc.poll() is not None:
+                    code = None if self._proc is None else self._proc.returncode
+                    if "Address already in use" in self.log_tail(lines=50):
+                        raise RouterPortTaken(f"{self.url} was taken while the router started")
+                    raise RuntimeError(f"the router exited with code {code}:\n{self.log_tail()}")
+                if self._answers(client):
+                    return time.monotonic() - started
+                time.sleep(0.25)
         raise RuntimeError(f"the router at {self.url} was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _answers(self, client: httpx.Client) -> bool:
+        for path in ("/readiness", "/health"):
+            try:
+                status = client.get(f"{self.url}{path}").status_code
+            except httpx.HTTPError:
+                return False
+            if status != 404:
+                return status == 200
+        return False
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
