@@ -299,15 +299,38 @@ class PDBackend(BaseBackend):
         For tools that speak SGLang's HTTP API rather than the frontend
         language (benchmarks, token-level checks): the answer is the server's
         JSON (decode's, with prefill's prompt logprobs merged), including
-        ``output_ids``. Streaming bodies are refused; use a program with ``stream=True``.
+        ``output_ids``. Streaming bodies are refused; use :meth:`request_stream`.
         """
         if not isinstance(body, dict) or not ("text" in body or "input_ids" in body):
             raise BadRequestError("request() needs a /generate body with 'text' or 'input_ids'")
         if body.get("stream"):
-            raise BadRequestError("request() does not stream; run a program with stream=True instead")
+            raise BadRequestError("request() does not stream; use request_stream() for a streaming body")
         body = {**body, "sampling_params": dict(body.get("sampling_params") or {})}
         self._refuse_parallel_sampling(body)
         return self._execute("native", body)
+
+    def request_stream(self, body: dict) -> Iterator[dict]:
+        """Stream a native SGLang ``/generate`` body: yields the decode server's SSE events.
+
+        Each event is SGLang's own chunk (cumulative ``text``, ``meta_info``;
+        the last one has ``finish_reason``). Failures before the first chunk
+        are retried on another pair; after it, a break raises
+        :class:`StreamInterruptedError`. Lazy: nothing is sent before the first
+        ``next()``; closing the iterator early aborts both legs. Prompt
+        logprobs are not merged from the prefill leg here (use :meth:`request`).
+
+        Examples
+        --------
+        >>> for event in backend.request_stream({"text": "Hi", "sampling_params": {"max_new_tokens": 8}}):  # doctest: +SKIP
+        ...     print(event["text"])
+        """
+        if not isinstance(body, dict) or not ("text" in body or "input_ids" in body):
+            raise BadRequestError("request_stream() needs a /generate body with 'text' or 'input_ids'")
+        if isinstance(body.get("text"), list) or isinstance((body.get("input_ids") or [None])[0], list):
+            raise BadRequestError("request_stream() streams one prompt; send a batch with request()")
+        body = {**body, "sampling_params": dict(body.get("sampling_params") or {}), "stream": True}
+        self._refuse_parallel_sampling(body)
+        return self._stream("native_stream", body, sid=None, raw_events=True)
 
 
     def health(self) -> dict[str, Any]:
@@ -419,11 +442,13 @@ class PDBackend(BaseBackend):
         record.failed_servers.append(error.server)
         self._health.record_failure(error.server, str(error), unreachable=error.unreachable)
 
-    def _stream(self, kind: str, body: dict, *, sid: str | None) -> Iterator[tuple[str, dict]]:
+    def _stream(self, kind: str, body: dict, *, sid: str | None, raw_events: bool = False) -> Iterator[Any]:
         """Retry until the first chunk arrives; after that a failure is a StreamInterruptedError.
 
-        A generator: nothing is sent (and no load counted) until the first
-        ``next()``, so a stream that is never read holds no server slot.
+        Yields ``(text delta, meta_info)`` for the frontend, or the server's
+        events with ``raw_events``. A generator: nothing is sent (and no load
+        counted) until the first ``next()``, so a stream never read holds no
+        server slot.
         """
         record = RequestRecord(kind=kind, attempts=0)
         started = time.monotonic()
@@ -469,9 +494,9 @@ class PDBackend(BaseBackend):
             record.total = time.monotonic() - started
             self.metrics.record(record)
             raise self._explain(exc) from exc
-        yield from self._relay(record, started, route, prefill, events, abort, first, load)
+        yield from self._relay(record, started, route, prefill, events, abort, first, load, raw_events)
 
-    def _relay(self, record, started, route, prefill, events, abort, first, load) -> Iterator[tuple[str, dict]]:
+    def _relay(self, record, started, route, prefill, events, abort, first, load, raw_events) -> Iterator[Any]:
         """Yield text deltas; the server sends cumulative text in every chunk."""
         record.ttft = time.monotonic() - started
         sent, last = 0, first
@@ -482,7 +507,7 @@ class PDBackend(BaseBackend):
                     last = event
                     text = event.get("text", "")
                     delta, sent = text[sent:], len(text)
-                    yield delta, event.get("meta_info", {})
+                    yield event if raw_events else (delta, event.get("meta_info", {}))
                 finished = True
         except PDError as exc:
             record.error = f"StreamInterruptedError: {exc}"

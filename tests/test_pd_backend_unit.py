@@ -313,6 +313,20 @@ def test_stream_yields_deltas_and_breaks_loudly():
         next(stream)
 
 
+def test_request_stream_yields_the_servers_events_and_refuses_batches():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="abc")
+    backend, _ = make({P1: p1, D1: d1})
+    events = list(backend.request_stream({"text": "hi", "sampling_params": {"max_new_tokens": 3}}))
+    assert [e["text"] for e in events] == ["a", "ab", "abc"]
+    assert d1.generated[-1]["stream"] is True and "stream" not in p1.generated[-1]
+    for bad, message in [({"text": ["a", "b"]}, "one prompt"), ({"input_ids": [[1], [2]]}, "one prompt"),
+                         ({"sampling_params": {}}, "'text' or 'input_ids'"), ("hi", "'text' or 'input_ids'")]:
+        with pytest.raises(BadRequestError, match=message):
+            backend.request_stream(bad)
+    with pytest.raises(BadRequestError, match="request_stream"):
+        backend.request({"text": "hi", "stream": True})
+
+
 def test_in_band_stream_error_before_text_is_retried_elsewhere():
     p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="xy")
     backend, transport = make({P1: p1, D1: d1})

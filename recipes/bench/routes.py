@@ -7,10 +7,10 @@ then closed. Routers as processes: :mod:`recipes.bench.router_process`.
 
 TTFT: with ``stream=True`` (the default) every route streams and TTFT is the
 client-side time to the first SSE chunk (SGLang sends it with the first
-token). The adapter streams through its frontend seam ``generate_stream``
-(PDBackend has no public native streaming call). With ``stream=False`` the
-router routes have no TTFT and the adapter's comes from its metrics: the
-prefill leg's latency, which SGLang answers once the KV reached decode.
+token). The adapter streams the same body through ``PDBackend.request_stream``.
+With ``stream=False`` the router routes have no TTFT and the adapter's comes
+from its metrics: the prefill leg's latency, which SGLang answers once the KV
+reached decode.
 """
 
 from __future__ import annotations
@@ -114,14 +114,6 @@ class HttpRoute:
             outcome.error = "stream ended without any chunk"
 
 
-class _PromptState:
-    """The two attributes of an SGLang program state that ``generate_stream`` reads."""
-
-    def __init__(self, text: str) -> None:
-        self.text_ = text
-        self.sid = None
-
-
 class AdapterRoute:
     """``PDBackend`` built for this route only (cold prefix index), with the given prefill policy."""
 
@@ -134,7 +126,7 @@ class AdapterRoute:
 
     def ttft_method(self, stream: bool) -> str:
         if stream:
-            return STREAM_TTFT + " via PDBackend.generate_stream"
+            return STREAM_TTFT + " via PDBackend.request_stream"
         return "adapter metrics: prefill-leg latency (answered once the KV reached decode)"
 
     def open(self) -> None:
@@ -152,11 +144,10 @@ class AdapterRoute:
         outcome = Outcome()
         try:
             if stream:
-                for _delta, meta in self.backend.generate_stream(_PromptState(prompt), params):
+                for event in self.backend.request_stream(request_body(prompt, params, stream=True)):
                     if outcome.ttft is None:
                         outcome.ttft = time.monotonic() - started
-                    outcome.text += _delta
-                    outcome.meta = meta
+                    outcome.text, outcome.meta = event.get("text", ""), event.get("meta_info", {})
             else:
                 answer = self.backend.request(request_body(prompt, params, stream=False))
                 outcome.text, outcome.meta = answer["text"], answer["meta_info"]

@@ -56,6 +56,19 @@ def test_streamed_chunks_concatenate_to_the_full_text(pd_backend):
     assert "".join(chunks) == full["reply"] == state["reply"]
 
 
+def test_native_stream_ends_with_the_non_streamed_answer(any_backend):
+    body = {"text": "The lighthouse keeper wrote",
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}}
+    whole = any_backend.request(body)
+    events = list(any_backend.request_stream(body))
+    assert len(events) > 1, "the answer arrived in one piece: not streamed"
+    texts = [e["text"] for e in events]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # cumulative, like SGLang
+    assert texts[-1] == whole["text"]
+    assert events[-1]["meta_info"]["completion_tokens"] == whole["meta_info"]["completion_tokens"] == 16
+    assert not any_backend.loads()
+
+
 def test_run_batch_of_16(pd_backend):
     items = [{"messages": [{"role": "user", "content": f"Question number {i}?"}], "max_tokens": 8} for i in range(16)]
     states = chat_completion.run_batch(items, backend=pd_backend, num_threads=8)
