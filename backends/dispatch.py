@@ -53,6 +53,7 @@ class PairTarget:
     decode: str
     bootstrap_host: str
     bootstrap_port: int | None
+    room_stride: int = 1
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Dispatcher:
 
     def _legs(self, target: PairTarget, body: dict, room: int) -> tuple[dict, dict]:
         rid = new_rid()
-        paired = with_bootstrap(body, target.bootstrap_host, target.bootstrap_port, room)
+        paired = with_bootstrap(body, target.bootstrap_host, target.bootstrap_port, room, target.room_stride)
         return with_rids(paired, f"{rid}-p"), with_rids(paired, f"{rid}-d")
 
     def pair(self, target: PairTarget, body: dict, room: int, track: Track = _untracked) -> tuple[LegOutcome, LegOutcome]:

@@ -101,13 +101,17 @@ def with_rids(body: dict[str, Any], rid: str) -> dict[str, Any]:
     return leg
 
 
-def with_bootstrap(body: dict[str, Any], host: str, port: int | None, room: int) -> dict[str, Any]:
-    """A copy of ``body`` carrying the PD pairing fields; a batch gets one room per item."""
+def with_bootstrap(body: dict[str, Any], host: str, port: int | None, room: int, stride: int = 1) -> dict[str, Any]:
+    """A copy of ``body`` carrying the PD pairing fields; a batch gets rooms ``room + i * stride``.
+
+    ``stride`` is the prefill server's DP rank count, so every item of a batch
+    (the options of one ``select``) lands on the same rank as ``room``.
+    """
     leg = dict(body)
     size = batch_size(body)
     leg["bootstrap_host"] = host if size is None else [host] * size
     leg["bootstrap_port"] = port if size is None else [port] * size
-    leg["bootstrap_room"] = room if size is None else [room + i for i in range(size)]
+    leg["bootstrap_room"] = room if size is None else [room + i * stride for i in range(size)]
     return leg
 
 
@@ -142,16 +146,23 @@ class RoomAllocator:
     SGLang crashes both schedulers when two requests in flight share a room,
     and a retried request must not reuse its failed room either. Rooms start
     at a random offset below 2**62 (so two processes sharing servers almost
-    surely never meet) and advance by the batch size: a batch of ``n`` uses
-    ``room .. room + n - 1``.
+    surely never meet) and only move forward: a batch of ``n`` for a server
+    with ``ranks`` DP ranks uses ``room, room + ranks, ... room + (n-1) * ranks``.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self._next = random.Random(seed).randrange(2**62)
         self._lock = threading.Lock()
 
-    def allocate(self, count: int = 1) -> int:
+    def allocate(self, count: int = 1, ranks: int = 1, rank: int = 0) -> int:
+        """The first room of ``count``, congruent to ``rank`` modulo ``ranks``.
+
+        A DP prefill server serves a request on rank ``room % dp_size``, so
+        the room is how the adapter puts a prompt on the rank holding its prefix.
+        """
+        if ranks < 1 or not 0 <= rank < ranks:
+            raise ValueError(f"need 0 <= rank < ranks, got rank={rank}, ranks={ranks}")
         with self._lock:
-            room = self._next
-            self._next = (self._next + count) % 2**63
+            room = self._next + (rank - self._next) % ranks
+            self._next = (room + count * ranks) % 2**63
             return room

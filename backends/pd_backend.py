@@ -149,7 +149,8 @@ class PDBackend(BaseBackend):
         all_urls = [s.url for servers in self.pools.values() for s in servers]
         self._health = HealthTracker(
             all_urls, self._probe, failure_threshold=failure_threshold,
-            probe_interval=probe_interval, breaker_cooldown=breaker_cooldown, on_recover=self._index.forget,
+            probe_interval=probe_interval, breaker_cooldown=breaker_cooldown,
+            on_recover=lambda url: self._router.forget(url),
         )
         self._router = Router(
             self.pools, self._health, self._index,
@@ -360,6 +361,10 @@ class PDBackend(BaseBackend):
     def _warm(self, text: str, sid: str | None = None) -> None:
         self._execute("warm", {"text": text, "sampling_params": {"max_new_tokens": 1}}, sid=sid)
 
+    def _allocate_room(self, route: Route, count: int) -> int:
+        """Fresh rooms for one attempt, on the prefill DP rank the route chose (if the server has ranks)."""
+        return self._rooms.allocate(count, ranks=route.prefill.dp_ranks, rank=route.prefill_rank or 0)
+
     def _tracker(self, sid: str | None):
         if sid is None:
             return lambda server, rids, started: None
@@ -394,7 +399,7 @@ class PDBackend(BaseBackend):
             try:
                 with self._router.in_flight(route):
                     if route.mode == "pd":
-                        room = self._rooms.allocate(batch_size(body) or 1)
+                        room = self._allocate_room(route, batch_size(body) or 1)
                         prefill, decode = self._dispatcher.pair(route.target, body, room, track)
                         answer = merge_pd_answers(prefill.body, decode.body)
                         _timings(record, prefill, decode)
@@ -466,7 +471,7 @@ class PDBackend(BaseBackend):
             load.enter_context(self._router.in_flight(route))
             try:
                 if route.mode == "pd":
-                    room = self._rooms.allocate(1)
+                    room = self._allocate_room(route, 1)
                     prefill, events, abort = self._dispatcher.pair_stream(route.target, body, room, track)
                 else:
                     prefill, abort = None, lambda: None

@@ -35,14 +35,34 @@ class Route:
     decode: ServerInfo | None = None
     colocated: ServerInfo | None = None
     keys: list[int] = field(default_factory=list, repr=False)
+    #: The DP rank of a multi-rank prefill server chosen for the prompt (its room must match).
+    prefill_rank: int | None = None
 
     @property
     def servers(self) -> list[str]:
         return [s.url for s in (self.prefill, self.decode, self.colocated) if s is not None]
 
     @property
+    def counted(self) -> list[str]:
+        """What the route loads: its servers, and the prefill DP rank as ``URL#dpN``."""
+        return self.servers + ([rank_key(self.prefill.url, self.prefill_rank)] if self.prefill_rank is not None else [])
+
+    @property
+    def cache_holder(self) -> str:
+        """Where the prompt's KV will be cached: the prefill DP rank, else the prefill or colocated server."""
+        if self.prefill_rank is not None:
+            return rank_key(self.prefill.url, self.prefill_rank)
+        return (self.prefill or self.colocated).url
+
+    @property
     def target(self) -> PairTarget:
-        return PairTarget(self.prefill.url, self.decode.url, self.prefill.bootstrap_host, self.prefill.bootstrap_port)
+        return PairTarget(self.prefill.url, self.decode.url, self.prefill.bootstrap_host, self.prefill.bootstrap_port,
+                          room_stride=self.prefill.dp_ranks)
+
+
+def rank_key(url: str, rank: int) -> str:
+    """The name a prefill server's DP rank goes by in loads and the prefix record."""
+    return f"{url}#dp{rank}"
 
 
 class Router:
@@ -109,16 +129,47 @@ class Router:
             choice = self.policies["prefill"].choose(prefill)
             prefill_choice = (choice.server, choice.reason)
         decode = self.policies["decode"].choose(self._candidates("decode", [], len(text), avoid))
+        prefill_info = self._info("prefill", prefill_choice[0])
+        rank, rank_reason = self._rank_choice(prefill_info, keys, len(text))
         route = Route(
             mode="pd",
-            reason=f"prefill:{prefill_choice[1]} decode:{decode.reason}",
-            prefill=self._info("prefill", prefill_choice[0]),
+            reason=f"prefill:{prefill_choice[1]}{rank_reason} decode:{decode.reason}",
+            prefill=prefill_info,
             decode=self._info("decode", decode.server),
             keys=keys,
+            prefill_rank=rank,
         )
         logger.debug("route %s -> %s + %s (%s)", len(text), route.prefill.url, route.decode.url, route.reason)
         self._claim(route)
         return route
+
+    def _rank_choice(self, prefill: ServerInfo, keys: list[int], prompt_chars: int) -> tuple[int | None, str]:
+        """For a prefill server with DP ranks: the rank for this prompt, by the prefill policy over ranks.
+
+        Each rank has its own radix cache; a random room would scatter one
+        conversation's turns over them. Ranks are treated as servers of their
+        own (prefix record, in-flight count), so a conversation stays on the
+        rank that holds its history and new prefixes spread over the ranks.
+        """
+        if prefill.dp_ranks == 1:
+            return None, ""
+        names = tuple(rank_key(prefill.url, r) for r in range(prefill.dp_ranks))
+        with self._lock:
+            loads = {n: self._loads[n] for n in names}
+        choice = self.policies["prefill"].choose(Candidates(
+            servers=names, loads=loads, matched_chars=self.index.match_chars(keys, list(names)),
+            held_blocks={n: self.index.size(n) for n in names}, prompt_chars=prompt_chars,
+        ))
+        rank = names.index(choice.server)
+        return rank, f"@dp{rank}:{choice.reason}"
+
+    def forget(self, url: str) -> None:
+        """Drop a server's prefix record and its DP ranks' (it restarted with empty caches)."""
+        self.index.forget(url)
+        for info in self.pools["prefill"]:
+            if info.url == url:
+                for r in range(info.dp_ranks):
+                    self.index.forget(rank_key(url, r))
 
     def _colocated_choice(self, text: str, keys: list[int], avoid: set[str]) -> Route | None:
         if not self.pools["colocated"]:
@@ -151,8 +202,14 @@ class Router:
         way. :meth:`learned` refreshes the record on success; a claim left by a
         failed attempt costs at most one later cache miss.
         """
-        server = route.prefill or route.colocated
-        self.index.insert(server.url, route.keys)
+        self._record_cached(route, [route.keys])
+
+    def _record_cached(self, route: Route, key_lists: list[list[int]]) -> None:
+        server = (route.prefill or route.colocated).url
+        for keys in key_lists:
+            self.index.insert(server, keys)
+            if route.cache_holder != server:
+                self.index.insert(route.cache_holder, keys)
 
     def out_of_rotation(self, role: str) -> str | None:
         """A description of the role's servers when none is in rotation, else ``None``."""
@@ -169,18 +226,16 @@ class Router:
     def in_flight(self, route: Route) -> Iterator[None]:
         """Count the route's servers as loaded while a request runs on them."""
         with self._lock:
-            self._loads.update(route.servers)
+            self._loads.update(route.counted)
         try:
             yield
         finally:
             with self._lock:
-                self._loads.subtract(route.servers)
+                self._loads.subtract(route.counted)
 
     def learned(self, route: Route, texts: list[str] | None = None) -> None:
         """After success: the serving server now caches the prompt(s)."""
-        server = route.prefill or route.colocated
-        for keys in [route.keys] if texts is None else [self.index.keys(t) for t in texts]:
-            self.index.insert(server.url, keys)
+        self._record_cached(route, [route.keys] if texts is None else [self.index.keys(t) for t in texts])
 
     def loads(self) -> dict[str, int]:
         with self._lock:

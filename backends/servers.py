@@ -29,6 +29,9 @@ class ServerInfo:
     model_path: str
     bootstrap_host: str
     bootstrap_port: int | None = None
+    #: Prefill only: data-parallel ranks that pick requests by ``bootstrap_room % dp_ranks``
+    #: (SGLang's default for a PD prefill server with ``--dp-size``); 1 otherwise.
+    dp_ranks: int = 1
 
 
 def normalize_url(url: str) -> str:
@@ -69,10 +72,22 @@ def discover(transport: Transport, url: str, expected: Role, timeouts: Timeouts)
             server=url,
         )
     host = urlsplit(url).hostname or "127.0.0.1"
-    port = None
+    port, dp_ranks = None, 1
     if role == "prefill":
         info = transport.request("GET", f"{url}/server_info", timeouts=timeouts)
         if not info.ok or "disaggregation_bootstrap_port" not in info.body:
             raise ConfigurationError(f"{url}/server_info did not report a bootstrap port", server=url)
         port = int(info.body["disaggregation_bootstrap_port"])
-    return ServerInfo(url=url, role=role, model_path=str(model.body.get("model_path", "")), bootstrap_host=host, bootstrap_port=port)
+        dp_ranks = _room_following_dp_ranks(info.body)
+    return ServerInfo(url=url, role=role, model_path=str(model.body.get("model_path", "")), bootstrap_host=host,
+                      bootstrap_port=port, dp_ranks=dp_ranks)
+
+
+def _room_following_dp_ranks(server_info: dict) -> int:
+    """DP ranks of a prefill server whose rank is ``bootstrap_room % dp_size``; 1 if rooms do not decide."""
+    try:
+        dp_size = int(server_info.get("dp_size") or 1)
+    except (TypeError, ValueError):
+        return 1
+    method = server_info.get("load_balance_method", "follow_bootstrap_room")
+    return dp_size if dp_size > 1 and method in ("follow_bootstrap_room", "auto", None) else 1

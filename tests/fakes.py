@@ -37,6 +37,8 @@ class FakeServer:
         self.generate_status = 200
         self.generated: list[dict] = []
         self.aborted: list[str] = []
+        self.dp_size = 1
+        self.load_balance_method = "follow_bootstrap_room" if role == "prefill" else "round_robin"
         self.arrival_delay = 0.0
         self.hold = 0.0
         self.released_by_abort: list[str] = []
@@ -70,7 +72,8 @@ class FakeServer:
             mode = {"prefill": "prefill", "decode": "decode"}.get(self.role, "null")
             return 200, {"model_path": self.model, "disaggregation_mode": mode}
         if path == "/server_info":
-            return 200, {"disaggregation_bootstrap_port": self.bootstrap_port}
+            return 200, {"disaggregation_bootstrap_port": self.bootstrap_port, "dp_size": self.dp_size,
+                         "load_balance_method": self.load_balance_method}
         if path == "/health":
             return 200, {}
         if path == "/flush_cache":

@@ -247,6 +247,26 @@ def test_a_stream_never_iterated_sends_nothing_and_holds_no_load():
     assert backend.loads() == {}
 
 
+def test_dp_prefill_rooms_keep_a_conversation_on_one_rank():
+    p1, d1 = FakeServer("prefill"), FakeServer("decode")
+    p1.dp_size = 4
+    backend, _ = make({P1: p1, D1: d1})
+    assert backend.pools["prefill"][0].dp_ranks == 4
+    history = "System: you keep a ship's log.\n"
+    for turn in range(4):
+        history += f"User: entry {turn}, wind north, sea calm\nAssistant:"
+        backend.generate(state(history), params())
+        history += " noted.\n"
+    rooms = [body["bootstrap_room"] for body in p1.generated]
+    assert len({room % 4 for room in rooms}) == 1 and len(set(rooms)) == 4
+    assert [b["bootstrap_room"] for b in d1.generated] == rooms
+
+    round_robin = FakeServer("prefill")
+    round_robin.dp_size, round_robin.load_balance_method = 4, "round_robin"  # rooms do not pick the rank
+    plain, _ = make({P2: round_robin, D1: FakeServer("decode")})
+    assert plain.pools["prefill"][0].dp_ranks == 1
+
+
 def test_bad_request_is_not_retried():
     p1, d1 = FakeServer("prefill"), FakeServer("decode")
     backend, _ = make({P1: p1, D1: d1})

@@ -98,3 +98,54 @@ def test_router_claims_the_prefix_when_it_decides():
         other = router.route("an unrelated prompt about something else entirely " * 10)
     assert second.prefill.url == first.prefill.url and second.reason.startswith("prefill:prefix_match")
     assert other.prefill.url != first.prefill.url
+
+
+def test_rooms_never_repeat_and_land_on_the_asked_rank():
+    from backends.payloads import RoomAllocator, with_bootstrap
+
+    rooms = RoomAllocator(seed=7)
+    used = []
+    for count, ranks, rank in [(1, 1, 0), (3, 4, 2), (1, 4, 0), (2, 2, 1), (1, 1, 0), (5, 8, 7)]:
+        first = rooms.allocate(count, ranks=ranks, rank=rank)
+        items = with_bootstrap({"text": ["x"] * count}, "h", 1, first, stride=ranks)["bootstrap_room"]
+        assert all(room % ranks == rank for room in items)  # every item of a select on one DP rank
+        used += items
+    assert len(used) == len(set(used))
+    with pytest.raises(ValueError, match="rank"):
+        rooms.allocate(1, ranks=2, rank=2)
+
+
+def _dp_router(ranks: int):
+    from backends.health import HealthTracker
+    from backends.router import Router
+    from backends.servers import ServerInfo
+
+    pools = {"prefill": [ServerInfo(A, "prefill", "m", "a", 9000, dp_ranks=ranks)],
+             "decode": [ServerInfo(B, "decode", "m", "b")], "colocated": []}
+    return Router(pools, HealthTracker([A, B], probe=lambda url: True), PrefixIndex(),
+                  {"prefill": CacheAware(), "decode": LeastLoaded(), "colocated": CacheAware()})
+
+
+def test_a_conversation_stays_on_its_dp_rank_and_new_ones_spread():
+    router = _dp_router(ranks=4)
+    history, ranks_of_turns = "System: be brief.\n", []
+    for turn in range(5):
+        history += f"User: question {turn} about the tides and the moon\nAssistant: answer {turn}\n"
+        route = router.route(history)
+        ranks_of_turns.append(route.prefill_rank)
+        assert route.target.room_stride == 4 and "@dp" in route.reason
+    assert len(set(ranks_of_turns)) == 1  # every turn on the rank holding the history
+    others = {router.route(f"A different conversation number {i} " * 6).prefill_rank for i in range(3)}
+    assert ranks_of_turns[0] not in others and len(others) == 3  # new prefixes go to emptier ranks
+    router.forget(A)
+    assert all(router.index.size(f"{A}#dp{r}") == 0 for r in range(4))
+
+
+def test_in_flight_counts_the_dp_rank_and_single_rank_servers_are_untouched():
+    router = _dp_router(ranks=2)
+    route = router.route("some prompt " * 10)
+    with router.in_flight(route):
+        assert router.loads() == {A: 1, B: 1, f"{A}#dp{route.prefill_rank}": 1}
+    assert router.loads() == {}
+    plain = _dp_router(ranks=1).route("some prompt " * 10)
+    assert plain.prefill_rank is None and plain.target.room_stride == 1 and "@dp" not in plain.reason
