@@ -75,7 +75,7 @@ class RouterProcess:
     url
         Where it answers, e.g. ``http://127.0.0.1:30080``.
     log_path
-        File for its output (the command line is its first line).
+        File for its output (the command line and the pid head it).
     """
 
     def __init__(self, argv: list[str], url: str, log_path: Path) -> None:
@@ -96,6 +96,7 @@ class RouterProcess:
             log.flush()
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
+            log.write(f"# pid {self._proc.pid}\n")  # lets tests and people find the process afterwards
         return self
 
     def __enter__(self) -> "RouterProcess":

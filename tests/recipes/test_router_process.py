@@ -24,7 +24,8 @@ def test_a_taken_port_is_reported_as_such(tmp_path):
         with RouterProcess(_argv(port), f"http://127.0.0.1:{port}", tmp_path / "router.log") as router:
             with pytest.raises(RouterPortTaken, match=str(port)):
                 router.wait_ready(60)
-    assert (tmp_path / "router.log").read_text().startswith("# ")  # the command heads the log
+    header = (tmp_path / "router.log").read_text()
+    assert header.startswith("# ") and "# pid " in header  # the command and pid head the log
 
 
 def test_a_router_that_never_gets_ready_times_out_and_is_stopped(tmp_path):
@@ -34,6 +35,7 @@ def test_a_router_that_never_gets_ready_times_out_and_is_stopped(tmp_path):
     router = RouterProcess(_argv(port), f"http://127.0.0.1:{port}", tmp_path / "router.log")
     with router:
         pid = router.pid
+        assert f"# pid {pid}\n" in (tmp_path / "router.log").read_text()
         with pytest.raises(RuntimeError, match="not ready after 4 s"):
             router.wait_ready(4)
         assert router.running()
