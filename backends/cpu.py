@@ -85,13 +85,17 @@ def cuda_available() -> bool:
     return gpu_count() > 0
 
 
-def cpu_server_env(role: str) -> dict[str, str]:
+def cpu_server_env(role: str, ranks: int = 1) -> dict[str, str]:
     """Environment additions for one CPU server process.
 
     Parameters
     ----------
     role : str
         ``"prefill"``, ``"decode"`` or ``"colocated"`` (all get the same today).
+    ranks : int
+        Scheduler ranks of the server (``tp_size * dp_size``). SGLang on CPU
+        refuses more ranks than NUMA nodes unless ``SGLANG_CPU_OMP_THREADS_BIND``
+        gives each rank its cores: here one core each, round robin.
 
     Returns
     -------
@@ -104,7 +108,12 @@ def cpu_server_env(role: str) -> dict[str, str]:
     pythonpath = [str(sgl_kernel_standin_path())]
     if os.environ.get("PYTHONPATH"):
         pythonpath.append(os.environ["PYTHONPATH"])
+    env = {}
+    if ranks > 1:
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[r % len(cores)]) for r in range(ranks))
     return {
+        **env,
         "SGLANG_USE_CPU_ENGINE": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(pythonpath),

@@ -53,7 +53,7 @@ class ServerSpec:
     host: str
     port: int
     url: str
-    nccl_port: int
+    nccl_port: int | None  # None for a data-parallel server: its ranks pick their own
     bootstrap_port: int | None
     argv: list[str] = field(hash=False)
     env: dict[str, str] = field(hash=False)
@@ -67,8 +67,7 @@ class ServerSpec:
     @property
     def ports(self) -> tuple[int, ...]:
         """Every fixed port this server binds (must be free before launch)."""
-        extra = (self.bootstrap_port,) if self.bootstrap_port is not None else ()
-        return (self.port, self.nccl_port, *extra)
+        return tuple(p for p in (self.port, self.nccl_port, self.bootstrap_port) if p is not None)
 
 
 def plan_servers(cfg: "SGLangPDConfig", model_path: str, device: str,
@@ -76,21 +75,35 @@ def plan_servers(cfg: "SGLangPDConfig", model_path: str, device: str,
     """Plan every server of ``cfg``: prefill first, then decode, then colocated."""
     counts = (cfg.num_prefill, cfg.num_decode, cfg.colocated)
     order = [(role, i) for role, n in zip(ROLES, counts) for i in range(n)]
-    gpu_ids = _gpu_plan(cfg, device, gpu_count)
+    gpu_ids = _gpu_plan(cfg, device, gpu_count, order)
     return [_spec(cfg, role, i, slot, model_path, device, gpu_ids[slot])
             for slot, (role, i) in enumerate(order)]
 
 
-def _gpu_plan(cfg: "SGLangPDConfig", device: str, gpu_count: int | None
-              ) -> list[tuple[int, ...]]:
+def dp_size_of(args: tuple[str, ...] | list[str]) -> int:
+    """The ``--dp-size`` (alias ``--data-parallel-size``) given in a role's extra args; 1 if none."""
+    size = 1
+    for i, arg in enumerate(args):
+        name, _, inline = arg.partition("=")
+        if name in ("--dp-size", "--data-parallel-size"):
+            value = inline or (args[i + 1] if i + 1 < len(args) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{name} needs a positive integer, got {value!r}.")
+            size = int(value)
+    return size
+
+
+def _gpu_plan(cfg: "SGLangPDConfig", device: str, gpu_count: int | None,
+              order: list[tuple[str, int]]) -> list[tuple[int, ...]]:
     if device == "cpu":
         return [()] * cfg.num_servers
-    needed = cfg.num_servers * cfg.tp_size
+    widths = [cfg.tp_size * dp_size_of(getattr(cfg, f"{role}_args")) for role, _ in order]
+    needed = sum(widths)
     available = cpu.gpu_count() if gpu_count is None else gpu_count
     if needed > available:
         raise ValueError(
-            f"{cfg.num_servers} servers x tp_size {cfg.tp_size} need {needed} GPUs but "
-            f"{available} are visible; lower pd_ratio/colocated/tp_size or use "
+            f"{cfg.num_servers} servers (tp_size {cfg.tp_size} x each role's --dp-size) need {needed} "
+            f"GPUs but {available} are visible; lower pd_ratio/colocated/tp_size/--dp-size or use "
             f"device='cpu' (this launcher starts servers on one machine only)."
         )
     if gpu_count is not None:
@@ -100,18 +113,23 @@ def _gpu_plan(cfg: "SGLangPDConfig", device: str, gpu_count: int | None
     else:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         physical = [int(v) for v in visible.split(",") if v.strip().isdigit()] or list(range(available))
-    t = cfg.tp_size
-    return [tuple(physical[s * t:(s + 1) * t]) for s in range(cfg.num_servers)]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return [tuple(physical[start:start + width]) for start, width in zip(starts, widths)]
 
 
 def _spec(cfg: "SGLangPDConfig", role: str, index: int, slot: int, model: str,
           device: str, gpu_ids: tuple[int, ...]) -> ServerSpec:
     port = cfg.base_port + PORT_STRIDE * slot
-    nccl_port = port + _NCCL_OFFSET
+    dp_size = dp_size_of(getattr(cfg, f"{role}_args"))
+    # SGLang 0.5.23 gives every plain-DP rank the one --nccl-port (EADDRINUSE);
+    # without it each rank picks a free port of its own.
+    nccl_port = port + _NCCL_OFFSET if dp_size == 1 else None
     bootstrap = port + _BOOTSTRAP_OFFSET if role == "prefill" else None
     argv = [sys.executable, "-m", "sglang.launch_server",
-            "--model-path", model, "--host", cfg.host, "--port", str(port),
-            "--nccl-port", str(nccl_port), "--tp-size", str(cfg.tp_size)]
+            "--model-path", model, "--host", cfg.host, "--port", str(port)]
+    if nccl_port is not None:
+        argv += ["--nccl-port", str(nccl_port)]
+    argv += ["--tp-size", str(cfg.tp_size)]
     if cfg.mem_fraction_static is not None:
         argv += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     env: dict[str, str] = {}
@@ -128,7 +146,7 @@ def _spec(cfg: "SGLangPDConfig", role: str, index: int, slot: int, model: str,
         argv += ["--constrained-json-disable-any-whitespace"]
     if device == "cpu":
         argv += cpu.cpu_server_flags(role)
-        env.update(cpu.cpu_server_env(role))
+        env.update(cpu.cpu_server_env(role, ranks=cfg.tp_size * dp_size))
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
     argv += list(getattr(cfg, f"{role}_args"))  # last, so they override defaults

@@ -153,14 +153,16 @@ class Router:
         """
         if prefill.dp_ranks == 1:
             return None, ""
-        names = tuple(rank_key(prefill.url, r) for r in range(prefill.dp_ranks))
+        if len(prefill.serving_ranks) == 1:
+            return prefill.serving_ranks[0], f"@dp{prefill.serving_ranks[0]}:only_serving_rank"
+        names = tuple(rank_key(prefill.url, r) for r in prefill.serving_ranks)
         with self._lock:
             loads = {n: self._loads[n] for n in names}
         choice = self.policies["prefill"].choose(Candidates(
             servers=names, loads=loads, matched_chars=self.index.match_chars(keys, list(names)),
             held_blocks={n: self.index.size(n) for n in names}, prompt_chars=prompt_chars,
         ))
-        rank = names.index(choice.server)
+        rank = prefill.serving_ranks[names.index(choice.server)]
         return rank, f"@dp{rank}:{choice.reason}"
 
     def forget(self, url: str) -> None:
@@ -168,7 +170,7 @@ class Router:
         self.index.forget(url)
         for info in self.pools["prefill"]:
             if info.url == url:
-                for r in range(info.dp_ranks):
+                for r in info.serving_ranks:
                     self.index.forget(rank_key(url, r))
 
     def _colocated_choice(self, text: str, keys: list[int], avoid: set[str]) -> Route | None:

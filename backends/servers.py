@@ -8,12 +8,15 @@ same way, so users never type it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 from backends.errors import ConfigurationError, PDError
 from backends.transport import Timeouts, Transport
+
+logger = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode", "colocated"]
 _SERVER_MODE = {"prefill": "prefill", "decode": "decode", "colocated": "null"}
@@ -32,6 +35,10 @@ class ServerInfo:
     #: Prefill only: data-parallel ranks that pick requests by ``bootstrap_room % dp_ranks``
     #: (SGLang's default for a PD prefill server with ``--dp-size``); 1 otherwise.
     dp_ranks: int = 1
+    #: Of those, the ranks that can serve a PD prefill: all with DP attention; only rank 0
+    #: for plain ``--dp-size`` (SGLang 0.5.23's KV sender checks ``room % dp_size``
+    #: against its attention-DP rank, which is 0 on every plain-DP rank).
+    serving_ranks: tuple[int, ...] = (0,)
 
 
 def normalize_url(url: str) -> str:
@@ -72,15 +79,22 @@ def discover(transport: Transport, url: str, expected: Role, timeouts: Timeouts)
             server=url,
         )
     host = urlsplit(url).hostname or "127.0.0.1"
-    port, dp_ranks = None, 1
+    port, dp_ranks, serving = None, 1, (0,)
     if role == "prefill":
         info = transport.request("GET", f"{url}/server_info", timeouts=timeouts)
         if not info.ok or "disaggregation_bootstrap_port" not in info.body:
             raise ConfigurationError(f"{url}/server_info did not report a bootstrap port", server=url)
         port = int(info.body["disaggregation_bootstrap_port"])
         dp_ranks = _room_following_dp_ranks(info.body)
+        if dp_ranks > 1 and info.body.get("enable_dp_attention"):
+            serving = tuple(range(dp_ranks))
+    if dp_ranks > 1 and len(serving) == 1:
+        logger.warning(
+            "%s runs plain --dp-size %d: SGLang 0.5.23 fails PD prefill on every rank but 0 (its KV sender "
+            "expects DP attention), so the adapter sends it rank-0 rooms only. Use --enable-dp-attention, "
+            "or one prefill server per replica, to use all ranks.", url, dp_ranks)
     return ServerInfo(url=url, role=role, model_path=str(model.body.get("model_path", "")), bootstrap_host=host,
-                      bootstrap_port=port, dp_ranks=dp_ranks)
+                      bootstrap_port=port, dp_ranks=dp_ranks, serving_ranks=serving)
 
 
 def _room_following_dp_ranks(server_info: dict) -> int:

@@ -38,6 +38,7 @@ class FakeServer:
         self.generated: list[dict] = []
         self.aborted: list[str] = []
         self.dp_size = 1
+        self.enable_dp_attention = False
         self.load_balance_method = "follow_bootstrap_room" if role == "prefill" else "round_robin"
         self.arrival_delay = 0.0
         self.hold = 0.0
@@ -73,7 +74,8 @@ class FakeServer:
             return 200, {"model_path": self.model, "disaggregation_mode": mode}
         if path == "/server_info":
             return 200, {"disaggregation_bootstrap_port": self.bootstrap_port, "dp_size": self.dp_size,
-                         "load_balance_method": self.load_balance_method}
+                         "load_balance_method": self.load_balance_method,
+                         "enable_dp_attention": self.enable_dp_attention}
         if path == "/health":
             return 200, {}
         if path == "/flush_cache":

@@ -199,3 +199,22 @@ def test_is_tiny_model(tmp_path):
     assert not SGLangPDConfig(model_path=MODEL).is_tiny_model
     (tmp_path / "TINY_RANDOM_MODEL").write_text("x")
     assert SGLangPDConfig(model_path=str(tmp_path)).is_tiny_model
+
+
+def test_data_parallel_role_gets_its_own_gpus_ports_and_cpu_binding():
+    cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2, prefill_args=["--dp-size", "2"])
+    prefill, decode = cfg.servers(device="cuda", gpu_count=6)
+    assert prefill.gpu_ids == (0, 1, 2, 3) and decode.gpu_ids == (4, 5)  # tp 2 x dp 2, then tp 2
+    assert "--nccl-port" not in prefill.argv and prefill.nccl_port is None  # SGLang gives DP ranks one port
+    assert prefill.ports == (prefill.port, prefill.bootstrap_port)
+    assert flag(decode.argv, "--nccl-port") == str(decode.nccl_port)
+    with pytest.raises(ValueError, match="need 8 GPUs"):
+        SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2,
+                       decode_args=["--data-parallel-size=3"]).servers(device="cuda", gpu_count=6)
+
+    on_cpu = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", prefill_args=["--dp-size", "2"]).servers(device="cpu")
+    binds = on_cpu[0].env["SGLANG_CPU_OMP_THREADS_BIND"].split("|")
+    assert len(binds) == 2 and all(b.isdigit() for b in binds)  # one core per rank
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in on_cpu[1].env
+    with pytest.raises(ValueError, match="--dp-size needs a positive integer"):
+        SGLangPDConfig(model_path=MODEL, prefill_args=["--dp-size", "x"]).servers(device="cpu")

@@ -249,9 +249,9 @@ def test_a_stream_never_iterated_sends_nothing_and_holds_no_load():
 
 def test_dp_prefill_rooms_keep_a_conversation_on_one_rank():
     p1, d1 = FakeServer("prefill"), FakeServer("decode")
-    p1.dp_size = 4
+    p1.dp_size, p1.enable_dp_attention = 4, True
     backend, _ = make({P1: p1, D1: d1})
-    assert backend.pools["prefill"][0].dp_ranks == 4
+    assert backend.pools["prefill"][0].dp_ranks == 4 and backend.pools["prefill"][0].serving_ranks == (0, 1, 2, 3)
     history = "System: you keep a ship's log.\n"
     for turn in range(4):
         history += f"User: entry {turn}, wind north, sea calm\nAssistant:"
@@ -260,6 +260,13 @@ def test_dp_prefill_rooms_keep_a_conversation_on_one_rank():
     rooms = [body["bootstrap_room"] for body in p1.generated]
     assert len({room % 4 for room in rooms}) == 1 and len(set(rooms)) == 4
     assert [b["bootstrap_room"] for b in d1.generated] == rooms
+
+    plain_dp = FakeServer("prefill")
+    plain_dp.dp_size = 2  # no DP attention: SGLang 0.5.23 serves PD prefill on rank 0 only
+    pinned, _ = make({P2: plain_dp, D1: FakeServer("decode")})
+    for i in range(3):
+        pinned.generate(state(f"prompt {i} " * 10), params())
+    assert [b["bootstrap_room"] % 2 for b in plain_dp.generated] == [0, 0, 0]
 
     round_robin = FakeServer("prefill")
     round_robin.dp_size, round_robin.load_balance_method = 4, "round_robin"  # rooms do not pick the rank

@@ -115,12 +115,13 @@ def test_rooms_never_repeat_and_land_on_the_asked_rank():
         rooms.allocate(1, ranks=2, rank=2)
 
 
-def _dp_router(ranks: int):
+def _dp_router(ranks: int, serving: tuple[int, ...] | None = None):
     from backends.health import HealthTracker
     from backends.router import Router
     from backends.servers import ServerInfo
 
-    pools = {"prefill": [ServerInfo(A, "prefill", "m", "a", 9000, dp_ranks=ranks)],
+    serving = tuple(range(ranks)) if serving is None else serving
+    pools = {"prefill": [ServerInfo(A, "prefill", "m", "a", 9000, dp_ranks=ranks, serving_ranks=serving)],
              "decode": [ServerInfo(B, "decode", "m", "b")], "colocated": []}
     return Router(pools, HealthTracker([A, B], probe=lambda url: True), PrefixIndex(),
                   {"prefill": CacheAware(), "decode": LeastLoaded(), "colocated": CacheAware()})
@@ -149,3 +150,10 @@ def test_in_flight_counts_the_dp_rank_and_single_rank_servers_are_untouched():
     assert router.loads() == {}
     plain = _dp_router(ranks=1).route("some prompt " * 10)
     assert plain.prefill_rank is None and plain.target.room_stride == 1 and "@dp" not in plain.reason
+
+
+def test_a_plain_dp_server_gets_rank_zero_rooms_only():
+    router = _dp_router(ranks=2, serving=(0,))
+    routes = [router.route(f"Conversation {i} " * 8) for i in range(4)]
+    assert {r.prefill_rank for r in routes} == {0} and all("only_serving_rank" in r.reason for r in routes)
+    assert all(r.target.room_stride == 2 for r in routes)
