@@ -27,7 +27,7 @@ from backends.memory_transport import InMemoryTransport
 from backends.metrics import Metrics, RequestRecord
 from backends.pd_backend import PDBackend
 from backends.retry import RetryPolicy
-from backends.routing import CacheAware, LeastLoaded, RandomChoice, RoundRobin
+from backends.routing import CacheAware, LeastLoaded, RandomChoice, RoundRobin, SmallestCache
 from backends.tiny_model import ensure_tiny_model, is_tiny_model
 from backends.transport import HttpxTransport, Timeouts
 
@@ -37,6 +37,7 @@ __all__ = [
     "RetryPolicy",
     "CacheAware",
     "LeastLoaded",
+    "SmallestCache",
     "RoundRobin",
     "RandomChoice",
     "Metrics",

@@ -96,6 +96,29 @@ class LeastLoaded:
         return Choice(server, f"least_loaded(load={best[0]})")
 
 
+class SmallestCache:
+    """The server with the smallest prefix record; ties go to the least loaded, then round robin.
+
+    For prompts no server holds: spreading new prefixes by how much each
+    server already caches gives every server its share of conversations,
+    where the in-flight count of one instant can tie the wrong way and pile
+    new conversations, and all their later turns, onto one server
+    (sglang-router's cache_aware picks the smallest tree the same way).
+    """
+
+    def __init__(self) -> None:
+        self._tiebreak = RoundRobin()
+
+    def choose(self, candidates: Candidates) -> Choice:
+        def key(server: str) -> tuple[int, int]:
+            return candidates.held_blocks.get(server, 0), candidates.loads.get(server, 0)
+
+        best = min(key(s) for s in candidates.servers)
+        tied = tuple(s for s in candidates.servers if key(s) == best)
+        server = tied[0] if len(tied) == 1 else self._tiebreak.choose(Candidates(tied)).server
+        return Choice(server, f"smallest_cache(blocks={best[0]})")
+
+
 class CacheAware:
     """The server holding the longest prefix of the prompt, unless loads diverge.
 
@@ -103,14 +126,17 @@ class CacheAware:
     ----------
     min_match_ratio
         Below this share of the prompt held anywhere, the match is ignored and
-        ``fallback`` decides: a shared chat header alone should not pile every
+        ``new_prefix`` decides: a shared chat header alone should not pile every
         conversation onto one server.
     balance_abs, balance_rel
-        Loads count as diverged when the best-matching server has more than
+        Loads count as diverged when the chosen server has more than
         ``balance_abs`` in-flight requests above the least loaded one *and*
-        more than ``balance_rel`` times its load (sglang-router's defaults).
+        more than ``balance_rel`` times its load (sglang-router's defaults);
+        then ``fallback`` decides.
+    new_prefix
+        Policy for prompts no server holds (default :class:`SmallestCache`).
     fallback
-        Policy used for unmatched prompts and diverged loads.
+        Policy used when loads diverge (default :class:`LeastLoaded`).
     """
 
     def __init__(
@@ -119,6 +145,7 @@ class CacheAware:
         balance_abs: int = 64,
         balance_rel: float = 1.5,
         fallback: Policy | None = None,
+        new_prefix: Policy | None = None,
     ) -> None:
         if not 0.0 <= min_match_ratio <= 1.0:
             raise ValueError(f"min_match_ratio must be within [0, 1], got {min_match_ratio}")
@@ -126,6 +153,7 @@ class CacheAware:
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
         self.fallback = fallback or LeastLoaded()
+        self.new_prefix = new_prefix or SmallestCache()
 
     def choose(self, candidates: Candidates) -> Choice:
         matched = candidates.matched_chars
@@ -133,12 +161,15 @@ class CacheAware:
         best_chars = matched.get(best, 0)
         ratio = best_chars / candidates.prompt_chars if candidates.prompt_chars else 0.0
         if best_chars == 0 or ratio < self.min_match_ratio:
-            fallback = self.fallback.choose(candidates)
-            return Choice(fallback.server, f"no_prefix_match({ratio:.2f})->{fallback.reason}")
+            choice = self.new_prefix.choose(candidates)
+            reason = f"no_prefix_match({ratio:.2f})->{choice.reason}"
+        else:
+            choice = Choice(best, "")
+            reason = f"prefix_match({ratio:.2f})"
         loads = candidates.loads
         least = min(loads.get(s, 0) for s in candidates.servers)
-        best_load = loads.get(best, 0)
-        if best_load - least > self.balance_abs and best_load > self.balance_rel * least:
+        load = loads.get(choice.server, 0)
+        if load - least > self.balance_abs and load > self.balance_rel * least:
             fallback = self.fallback.choose(candidates)
-            return Choice(fallback.server, f"imbalanced({best_load}>{least})->{fallback.reason}")
-        return Choice(best, f"prefix_match({ratio:.2f})")
+            return Choice(fallback.server, f"imbalanced({load}>{least})->{fallback.reason}")
+        return Choice(choice.server, reason)

@@ -157,3 +157,18 @@ def test_a_plain_dp_server_gets_rank_zero_rooms_only():
     routes = [router.route(f"Conversation {i} " * 8) for i in range(4)]
     assert {r.prefill_rank for r in routes} == {0} and all("only_serving_rank" in r.reason for r in routes)
     assert all(r.target.room_stride == 2 for r in routes)
+
+
+def test_new_prefixes_go_to_the_smaller_cache_unless_loads_diverge():
+    from backends.routing import SmallestCache
+
+    policy = CacheAware(balance_abs=4, balance_rel=1.5)
+    # B is busier this instant but caches less: the new conversation (and its later turns) goes there.
+    spread = Candidates((A, B), loads={A: 1, B: 2}, held_blocks={A: 40, B: 10}, prompt_chars=100)
+    choice = policy.choose(spread)
+    assert choice.server == B and "smallest_cache" in choice.reason
+    diverged = Candidates((A, B), loads={A: 0, B: 9}, held_blocks={A: 40, B: 10}, prompt_chars=100)
+    assert policy.choose(diverged).server == A and "imbalanced" in policy.choose(diverged).reason
+    smallest = SmallestCache()
+    ties = [smallest.choose(Candidates((A, B), held_blocks={A: 3, B: 3})).server for _ in range(2)]
+    assert sorted(ties) == [A, B]
