@@ -90,6 +90,41 @@ def any_backend(request, pd_backend, colocated_backend):
     return pd_backend if request.param == "pd" else colocated_backend
 
 
+#: SGLang 0.5.23's mooncake transfer thread can die on a race (KeyError on a room that
+#: completed meanwhile); the prefill server then hangs every PD request while /health passes.
+_TRANSFER_THREAD_DEAD = "Transfer thread failed because of"
+
+
+@pytest.fixture(autouse=True)
+def _restart_servers_sglang_declared_dead(request):
+    """After a test on the session cluster: restart any server whose log says its transfer thread died.
+
+    Without this, one upstream race turns every later test into a timeout.
+    The restart is logged in the test output; the adapter's own handling of
+    such a server is its timeouts and retries.
+    """
+    yield
+    if "cluster" not in request.fixturenames:
+        return
+    cluster = request.getfixturevalue("cluster")
+    if getattr(cluster, "reused", True):
+        return
+    seen = cluster.__dict__.setdefault("_log_offsets", {})
+    for spec in cluster.servers:
+        path = cluster.log_path(spec)
+        try:
+            with open(path, "rb") as log:
+                log.seek(seen.get(spec.name, 0))
+                fresh = log.read()
+                seen[spec.name] = log.tell()
+        except OSError:
+            continue
+        if _TRANSFER_THREAD_DEAD.encode() in fresh:
+            print(f"\n{spec.name}: SGLang's transfer thread died (see {path}); restarting it")
+            cluster.restart(spec.role, spec.index)
+            seen[spec.name] = path.stat().st_size
+
+
 @pytest.fixture(autouse=True)
 def _collector_paused_during_tests():
     """No automatic cyclic GC while a test runs; one collection after it, from this thread.
