@@ -33,9 +33,15 @@ def bench(cluster, tmp_path_factory):
     argv = [sys.executable, "-m", "recipes.bench_pd", "--quick", "--out", str(out), "--overhead-requests", "200",
             "--prefill", *cluster.prefill_urls, "--decode", *cluster.decode_urls,
             "--colocated", *cluster.colocated_urls]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=230)
-    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return out, proc.stdout, json.loads((out / "bench_pd.json").read_text())
+    proc = subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=230)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the bench stops its routers (own sessions: a SIGKILL would orphan them)
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"bench did not finish in 230 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return out, stdout, json.loads((out / "bench_pd.json").read_text())
 
 
 def test_json_holds_every_route_and_metric(bench, cluster):
