@@ -38,7 +38,8 @@ def test_1000_requests_at_concurrency_128(pd_backend, cluster):
     assert all(a["meta_info"]["completion_tokens"] >= 1 for a in answers)
     assert pd_backend.metrics.summary()["errors"] == errors_before
     assert not pd_backend.loads(), "requests still counted in flight after all answered"
-    # Steady state: the second round grew nothing per request. Two threads of slack: the
-    # health prober starts on a first failure, and the leg pool starts threads lazily.
-    assert threading.active_count() <= threads_after_first + 2
+    # Steady state: the second round grew nothing per request (a leak would add ~500). Some
+    # slack: the health prober starts on a first failure, and the leg pool starts threads
+    # lazily up to its bound when a retry raises concurrency for a moment (+4 seen in CI).
+    assert threading.active_count() <= threads_after_first + 16
     assert _open_connections(ports) <= max(connections_after_first, 2 * 128)
