@@ -137,10 +137,8 @@ class Dispatcher:
         """Both legs concurrently; returns (prefill, decode) outcomes or raises the root cause."""
         prefill_body, decode_body = self._legs(target, body, room)
         deadline = time.monotonic() + self.timeouts.total
-        prefill_answered, decode_answered = threading.Event(), threading.Event()
-        prefill_future = self._submit_prefill(target, prefill_body, deadline, track, prefill_answered)
-        prefill_future.add_done_callback(lambda f: _failed(f) and self.abort_until_answered(
-            target.decode, rids_of(decode_body), decode_answered, deadline))
+        prefill_future, prefill_answered, decode_answered = self._start_prefill(
+            target, prefill_body, decode_body, deadline, track)
         try:
             try:
                 decode = self._leg(target.decode, decode_body, deadline, track)
@@ -172,10 +170,8 @@ class Dispatcher:
         decode_body["stream"] = True
         prefill_body = {k: v for k, v in prefill_body.items() if k != "stream"}
         deadline = time.monotonic() + self.timeouts.total
-        prefill_answered, decode_answered = threading.Event(), threading.Event()
-        prefill_future = self._submit_prefill(target, prefill_body, deadline, track, prefill_answered)
-        prefill_future.add_done_callback(lambda f: _failed(f) and self.abort_until_answered(
-            target.decode, rids_of(decode_body), decode_answered, deadline))
+        prefill_future, prefill_answered, decode_answered = self._start_prefill(
+            target, prefill_body, decode_body, deadline, track)
 
         def abort_both() -> None:
             if not prefill_future.done():
@@ -201,11 +197,19 @@ class Dispatcher:
 
         return prefill_future, events(), abort_both
 
-    def _submit_prefill(self, target: PairTarget, body: dict, deadline: float, track: Track,
-                        answered: threading.Event) -> Future:
-        future = self._pool.submit(self._leg, target.prefill, body, deadline, track)
-        future.add_done_callback(lambda f: answered.set())
-        return future
+    def _start_prefill(self, target: PairTarget, prefill_body: dict, decode_body: dict, deadline: float,
+                       track: Track) -> tuple[Future, threading.Event, threading.Event]:
+        """Send the prefill leg on the pool; if it fails, abort the decode leg until it answers.
+
+        Returns the prefill future and the two legs' "answered" events (the
+        caller sets decode's once its decode leg returns).
+        """
+        prefill_answered, decode_answered = threading.Event(), threading.Event()
+        future = self._pool.submit(self._leg, target.prefill, prefill_body, deadline, track)
+        future.add_done_callback(lambda f: prefill_answered.set())
+        future.add_done_callback(lambda f: _failed(f) and self.abort_until_answered(
+            target.decode, rids_of(decode_body), decode_answered, deadline))
+        return future, prefill_answered, decode_answered
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)  # a queued prefill leg must still run: its decode leg is already sent

@@ -302,12 +302,9 @@ class PDBackend(BaseBackend):
         JSON (decode's, with prefill's prompt logprobs merged), including
         ``output_ids``. Streaming bodies are refused; use :meth:`request_stream`.
         """
-        if not isinstance(body, dict) or not ("text" in body or "input_ids" in body):
-            raise BadRequestError("request() needs a /generate body with 'text' or 'input_ids'")
+        body = self._native_body(body, "request")
         if body.get("stream"):
             raise BadRequestError("request() does not stream; use request_stream() for a streaming body")
-        body = {**body, "sampling_params": dict(body.get("sampling_params") or {})}
-        self._refuse_parallel_sampling(body)
         return self._execute("native", body)
 
     def request_stream(self, body: dict) -> Iterator[dict]:
@@ -325,13 +322,18 @@ class PDBackend(BaseBackend):
         >>> for event in backend.request_stream({"text": "Hi", "sampling_params": {"max_new_tokens": 8}}):  # doctest: +SKIP
         ...     print(event["text"])
         """
-        if not isinstance(body, dict) or not ("text" in body or "input_ids" in body):
-            raise BadRequestError("request_stream() needs a /generate body with 'text' or 'input_ids'")
+        body = self._native_body(body, "request_stream")
         if isinstance(body.get("text"), list) or isinstance((body.get("input_ids") or [None])[0], list):
             raise BadRequestError("request_stream() streams one prompt; send a batch with request()")
-        body = {**body, "sampling_params": dict(body.get("sampling_params") or {}), "stream": True}
+        return self._stream("native_stream", {**body, "stream": True}, sid=None, raw_events=True)
+
+    def _native_body(self, body: Any, caller: str) -> dict:
+        """A copy of a native ``/generate`` body fit to send, or a BadRequestError naming ``caller``."""
+        if not isinstance(body, dict) or not ("text" in body or "input_ids" in body):
+            raise BadRequestError(f"{caller}() needs a /generate body with 'text' or 'input_ids'")
+        body = {**body, "sampling_params": dict(body.get("sampling_params") or {})}
         self._refuse_parallel_sampling(body)
-        return self._stream("native_stream", body, sid=None, raw_events=True)
+        return body
 
 
     def health(self) -> dict[str, Any]:

@@ -100,13 +100,17 @@ class Router:
         # would fail requests for a whole probe interval after a false alarm.
         healthy = self.health.available(urls) or urls
         usable = tuple(u for u in healthy if u not in avoid) or tuple(healthy)
+        return self._view(usable, keys, prompt_chars)
+
+    def _view(self, names: tuple[str, ...], keys: list[int], prompt_chars: int) -> Candidates:
+        """What a policy sees of ``names`` (servers, or a server's DP ranks) for a prompt."""
         with self._lock:
-            loads = {u: self._loads[u] for u in usable}
+            loads = {n: self._loads[n] for n in names}
         return Candidates(
-            servers=usable,
+            servers=names,
             loads=loads,
-            matched_chars=self.index.match_chars(keys, list(usable)),
-            held_blocks={u: self.index.size(u) for u in usable},
+            matched_chars=self.index.match_chars(keys, list(names)),
+            held_blocks={n: self.index.size(n) for n in names},
             prompt_chars=prompt_chars,
         )
 
@@ -156,12 +160,7 @@ class Router:
         if len(prefill.serving_ranks) == 1:
             return prefill.serving_ranks[0], f"@dp{prefill.serving_ranks[0]}:only_serving_rank"
         names = tuple(rank_key(prefill.url, r) for r in prefill.serving_ranks)
-        with self._lock:
-            loads = {n: self._loads[n] for n in names}
-        choice = self.policies["prefill"].choose(Candidates(
-            servers=names, loads=loads, matched_chars=self.index.match_chars(keys, list(names)),
-            held_blocks={n: self.index.size(n) for n in names}, prompt_chars=prompt_chars,
-        ))
+        choice = self.policies["prefill"].choose(self._view(names, keys, prompt_chars))
         rank = prefill.serving_ranks[names.index(choice.server)]
         return rank, f"@dp{rank}:{choice.reason}"
 

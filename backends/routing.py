@@ -87,13 +87,9 @@ class LeastLoaded:
         self._tiebreak = RoundRobin()
 
     def choose(self, candidates: Candidates) -> Choice:
-        def key(server: str) -> tuple[int, int]:
-            return candidates.loads.get(server, 0), candidates.held_blocks.get(server, 0)
-
-        best = min(key(s) for s in candidates.servers)
-        tied = tuple(s for s in candidates.servers if key(s) == best)
-        server = tied[0] if len(tied) == 1 else self._tiebreak.choose(Candidates(tied)).server
-        return Choice(server, f"least_loaded(load={best[0]})")
+        server, (load, _) = _lowest(candidates, self._tiebreak, lambda s: (candidates.loads.get(s, 0),
+                                                                          candidates.held_blocks.get(s, 0)))
+        return Choice(server, f"least_loaded(load={load})")
 
 
 class SmallestCache:
@@ -110,13 +106,16 @@ class SmallestCache:
         self._tiebreak = RoundRobin()
 
     def choose(self, candidates: Candidates) -> Choice:
-        def key(server: str) -> tuple[int, int]:
-            return candidates.held_blocks.get(server, 0), candidates.loads.get(server, 0)
+        server, (blocks, _) = _lowest(candidates, self._tiebreak, lambda s: (candidates.held_blocks.get(s, 0),
+                                                                            candidates.loads.get(s, 0)))
+        return Choice(server, f"smallest_cache(blocks={blocks})")
 
-        best = min(key(s) for s in candidates.servers)
-        tied = tuple(s for s in candidates.servers if key(s) == best)
-        server = tied[0] if len(tied) == 1 else self._tiebreak.choose(Candidates(tied)).server
-        return Choice(server, f"smallest_cache(blocks={best[0]})")
+
+def _lowest(candidates: Candidates, tiebreak: RoundRobin, key) -> tuple[str, tuple[int, int]]:
+    """The server with the lowest ``key`` and that key; exact ties go round robin."""
+    best = min(key(s) for s in candidates.servers)
+    tied = tuple(s for s in candidates.servers if key(s) == best)
+    return (tied[0] if len(tied) == 1 else tiebreak.choose(Candidates(tied)).server), best
 
 
 class CacheAware:
