@@ -27,7 +27,7 @@ from backends.memory_transport import InMemoryTransport
 from backends.metrics import Metrics, RequestRecord
 from backends.pd_backend import PDBackend
 from backends.retry import RetryPolicy
-from backends.routing import CacheAware, LeastLoaded, RandomChoice, RoundRobin, SmallestCache
+from backends.routing import CacheAware, Candidates, Choice, LeastLoaded, Policy, RandomChoice, RoundRobin, SmallestCache
 from backends.tiny_model import ensure_tiny_model, is_tiny_model
 from backends.transport import HttpxTransport, Timeouts
 
@@ -36,6 +36,9 @@ __all__ = [
     "Timeouts",
     "RetryPolicy",
     "CacheAware",
+    "Candidates",
+    "Choice",
+    "Policy",
     "LeastLoaded",
     "SmallestCache",
     "RoundRobin",
