@@ -1,19 +1,47 @@
 """Run SGLang frontend programs on prefill/decode-separated SGLang servers.
 
-Client side: :class:`PDBackend` is an SGLang frontend backend that sends each
-generation to a prefill and a decode server as a PD pair (or to a colocated
-server), chosen by routing policies, retried on failure and measured.
+Two ideas, one subpackage each, with their public names re-exported here:
 
-Server side: :class:`SGLangPDConfig` describes a deployment, :class:`PDCluster`
-runs it (on GPUs, or on CPU with :func:`ensure_tiny_model`).
+- :mod:`backends.adapter` (client side): :class:`PDClient` sends SGLang
+  ``/generate`` bodies as PD pairs (or to colocated servers), routed by
+  policies, retried and measured; :class:`PDBackend` runs SGLang's frontend
+  language on one.
+- :mod:`backends.launcher` (server side): :class:`SGLangPDConfig` describes a
+  deployment, :class:`PDCluster` runs it (GPUs, or CPU with the tiny model).
 
-Errors: every adapter error is a :class:`PDError` (see :mod:`backends.errors`).
+:mod:`backends.errors` is the one exception tree of both; :mod:`backends.testing`
+holds the in-memory transport and fake SGLang servers for tests.
 """
 
-from backends.cluster import ClusterStartError, PDCluster
-from backends.config import SGLangPDConfig, ServerSpec
+from backends.adapter import (
+    CacheAware,
+    Candidates,
+    Choice,
+    Delivered,
+    HttpxTransport,
+    LeastLoaded,
+    LoadGuard,
+    Metrics,
+    PDBackend,
+    PDClient,
+    Policy,
+    RandomChoice,
+    RequestRecord,
+    Response,
+    RetryPolicy,
+    RoundRobin,
+    Route,
+    ServerInfo,
+    SmallestCache,
+    Timeouts,
+    Transport,
+    describe_server,
+    parse_sse_line,
+    sampling_body,
+)
 from backends.errors import (
     BadRequestError,
+    ClusterStartError,
     ConfigurationError,
     DecodeFailedError,
     NoHealthyServerError,
@@ -23,43 +51,31 @@ from backends.errors import (
     ServerUnavailableError,
     StreamInterruptedError,
 )
-from backends.memory_transport import InMemoryTransport
-from backends.metrics import Metrics, RequestRecord
-from backends.pd_backend import PDBackend
-from backends.retry import RetryPolicy
-from backends.routing import CacheAware, Candidates, Choice, LeastLoaded, Policy, RandomChoice, RoundRobin, SmallestCache
-from backends.tiny_model import ensure_tiny_model, is_tiny_model
-from backends.transport import HttpxTransport, Timeouts
+from backends.launcher import (
+    PRESETS,
+    ROUTER_MODULE,
+    ManagedProcess,
+    PDCluster,
+    RouterPortTaken,
+    RouterProcess,
+    ServerSpec,
+    SGLangPDConfig,
+    ensure_tiny_model,
+    is_tiny_model,
+    plan_servers,
+    router_argv,
+)
 
 __all__ = [
-    "PDBackend",
-    "Timeouts",
-    "RetryPolicy",
-    "CacheAware",
-    "Candidates",
-    "Choice",
-    "Policy",
-    "LeastLoaded",
-    "SmallestCache",
-    "RoundRobin",
-    "RandomChoice",
-    "Metrics",
+    # adapter
+    "PDBackend", "PDClient", "Delivered", "Route", "Policy", "Candidates", "Choice", "CacheAware", "LoadGuard",
+    "LeastLoaded", "SmallestCache", "RoundRobin", "RandomChoice", "RetryPolicy", "Timeouts", "Transport",
+    "HttpxTransport", "Response", "ServerInfo", "describe_server", "parse_sse_line", "sampling_body", "Metrics",
     "RequestRecord",
-    "HttpxTransport",
-    "InMemoryTransport",
-    "SGLangPDConfig",
-    "ServerSpec",
-    "PDCluster",
-    "ClusterStartError",
-    "ensure_tiny_model",
-    "is_tiny_model",
-    "PDError",
-    "ConfigurationError",
-    "BadRequestError",
-    "ServerUnavailableError",
-    "PrefillFailedError",
-    "DecodeFailedError",
-    "NoHealthyServerError",
-    "RequestTimeoutError",
-    "StreamInterruptedError",
+    # launcher
+    "SGLangPDConfig", "PRESETS", "ServerSpec", "plan_servers", "PDCluster", "ManagedProcess", "RouterProcess",
+    "RouterPortTaken", "router_argv", "ROUTER_MODULE", "ensure_tiny_model", "is_tiny_model",
+    # errors
+    "PDError", "ConfigurationError", "BadRequestError", "ServerUnavailableError", "PrefillFailedError",
+    "DecodeFailedError", "NoHealthyServerError", "RequestTimeoutError", "StreamInterruptedError", "ClusterStartError",
 ]

@@ -1,8 +1,10 @@
 """The one exception tree of the adapter.
 
-Every error a user of :class:`~backends.PDBackend` sees is a :class:`PDError`.
-Each names the server involved (``server``, a URL or ``None``) and says what to
-do next in its message.
+Every error a user of the adapter (:class:`~backends.PDBackend`,
+:class:`~backends.PDClient`) or the launcher (:class:`~backends.SGLangPDConfig`,
+:class:`~backends.PDCluster`) sees is a :class:`PDError`. Each names the
+server involved (``server``, a URL or ``None``) and says what to do next in
+its message.
 
 ::
 
@@ -14,7 +16,8 @@ do next in its message.
     │   ├── DecodeFailedError     the decode leg failed
     │   └── NoHealthyServerError  every server of a role is out of rotation
     ├── RequestTimeoutError       a leg outlived its timeout (also TimeoutError)
-    └── StreamInterruptedError    a stream broke after text was already delivered
+    ├── StreamInterruptedError    a stream broke after text was already delivered
+    └── ClusterStartError         a launched server died or stayed unhealthy (also RuntimeError)
 
 Retry decisions look only at the class: :class:`ServerUnavailableError` and
 :class:`RequestTimeoutError` are retryable, everything else raises at once.
@@ -83,6 +86,10 @@ class StreamInterruptedError(PDError):
     """
 
 
+class ClusterStartError(PDError, RuntimeError):
+    """A server of a :class:`~backends.PDCluster` could not start: port taken, exited, or unhealthy in time."""
+
+
 def is_retryable(error: BaseException) -> bool:
     """Whether a failed attempt may succeed on another server pair."""
     return isinstance(error, (ServerUnavailableError, RequestTimeoutError))
@@ -98,5 +105,6 @@ __all__ = [
     "NoHealthyServerError",
     "RequestTimeoutError",
     "StreamInterruptedError",
+    "ClusterStartError",
     "is_retryable",
 ]

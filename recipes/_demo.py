@@ -1,7 +1,7 @@
 """The demo workload of ``pd_demo`` and ``pd_server --demo``, and how its timings are printed.
 
 Why one module: both recipes launch a cluster, run the same three kinds of
-traffic through ``cluster.backend()`` (one request, a ``run_batch`` of 8, one
+traffic through ``PDBackend(**cluster.urls())`` (one request, a ``run_batch`` of 8, one
 streamed generation) and print the same per-request lines and summary, read
 from the backend's own ``metrics.records()``.
 """
@@ -46,7 +46,7 @@ def launch_and_run(config: SGLangPDConfig, *, max_tokens: int, json_path: str | 
         with cluster:
             startup = time.monotonic() - started
             print(f"All {len(cluster.servers)} servers healthy after {startup:.1f} s.", flush=True)
-            with cluster.backend() as backend:
+            with PDBackend(**cluster.urls()) as backend:
                 report = run_workload(backend, max_tokens=max_tokens)
     except ClusterStartError as exc:
         print(f"error: {exc}", file=sys.stderr)

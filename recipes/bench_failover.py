@@ -29,8 +29,8 @@ from typing import Callable
 
 import httpx
 
-from backends import PDCluster, SGLangPDConfig, Timeouts
-from recipes._router import RouterProcess, router_argv
+from backends import PDBackend, PDCluster, SGLangPDConfig, Timeouts
+from backends import RouterProcess, router_argv
 
 Send = Callable[[dict], dict]
 
@@ -106,17 +106,17 @@ def _seconds_until_served(send: Send, cap: float) -> float | None:
 
 
 def _adapter_route(cluster: PDCluster, args: argparse.Namespace) -> dict:
-    backend = cluster.backend(timeouts=Timeouts(connect=2.0, total=600.0), probe_interval=0.5)
+    backend = PDBackend(**cluster.urls(), timeouts=Timeouts(connect=2.0, total=600.0), probe_interval=0.5)
     try:
-        result = {"baseline": _run(backend.request, args.requests, args.concurrency, args.max_tokens, None)}
-        result["prefill_killed"] = _run(backend.request, args.requests, args.concurrency, args.max_tokens,
+        result = {"baseline": _run(backend.client.request, args.requests, args.concurrency, args.max_tokens, None)}
+        result["prefill_killed"] = _run(backend.client.request, args.requests, args.concurrency, args.max_tokens,
                                         lambda: cluster.kill("prefill", 0))
         cluster.restart("prefill", 0)
         healthy_at, victim = time.monotonic(), cluster.prefill_urls[0]
-        while not backend.health()[victim]["healthy"]:
+        while not backend.client.health()[victim]["healthy"]:
             time.sleep(0.1)
         result["back_in_rotation_after_healthy_s"] = round(time.monotonic() - healthy_at, 2)
-        result["decode_killed"] = _decode_kill(backend.request, cluster, args.cap)
+        result["decode_killed"] = _decode_kill(backend.client.request, cluster, args.cap)
         cluster.restart("decode", 0)
         return result
     finally:

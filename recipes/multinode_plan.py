@@ -7,7 +7,7 @@ Example::
 
 Servers are laid out like :class:`backends.PDCluster` lays them out on one
 machine (prefill first, then decode; ``tp`` consecutive GPUs each; the same
-flags and environment, from :mod:`backends.launch_plan`), then cut into nodes
+flags and environment, from :mod:`backends.launcher._launch_plan`), then cut into nodes
 of ``--gpus-per-node`` GPUs. Prints one ``python -m sglang.launch_server``
 line per server with its node and ``CUDA_VISIBLE_DEVICES``, the router
 command, and the ``PDBackend`` snippet that uses the same servers.
@@ -19,8 +19,7 @@ import argparse
 import shlex
 import sys
 
-from backends import SGLangPDConfig, ServerSpec
-from recipes._router import router_argv
+from backends import SGLangPDConfig, ServerSpec, plan_servers, router_argv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +56,7 @@ def plan(args: argparse.Namespace) -> tuple[SGLangPDConfig, list[tuple[ServerSpe
         raise ValueError(f"{config.num_servers} servers x TP {args.tp} need {config.num_servers * args.tp} GPUs; "
                          f"{args.nodes} nodes x {args.gpus_per_node} GPUs have {total_gpus}")
     placed = []
-    for slot, spec in enumerate(config.servers(device="cuda", gpu_count=total_gpus)):
+    for slot, spec in enumerate(plan_servers(config, device="cuda", gpu_count=total_gpus)):
         first = slot * args.tp  # the same consecutive layout as launch_plan, cut into nodes
         node, local = divmod(first, args.gpus_per_node)
         placed.append((spec, args.host_names[node], list(range(local, local + args.tp))))
@@ -72,7 +71,7 @@ def print_plan(args: argparse.Namespace, config: SGLangPDConfig, placed: list[tu
     used = config.num_servers * args.tp
     print(f"# {args.nodes} node(s) x {args.gpus_per_node} GPUs; {config.num_prefill} prefill + "
           f"{config.num_decode} decode servers, TP {args.tp}: {used} of {args.nodes * args.gpus_per_node} GPUs")
-    print(f"# model: {config.resolved_model_path()}")
+    print(f"# model: {placed[0][0].model_path}")
     if config.is_tiny_model:
         print("# NOTE: that is the random tiny test model (nonsense text); copy it to every node or pass --model.")
     for host in args.host_names:

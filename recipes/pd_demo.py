@@ -5,7 +5,7 @@ Example::
     python -m recipes.pd_demo                      # tiny model on CPU, ~1.5 min on 2 cores
     python -m recipes.pd_demo --model Qwen/Qwen2.5-0.5B-Instruct --max-tokens 64 --json demo.json
 
-Runs through ``cluster.backend()`` (a ``PDBackend``): one request, a
+Runs through ``PDBackend(**cluster.urls())``: one request, a
 ``run_batch`` of 8 and one streamed generation printed as it arrives. For each
 request it prints the prefill leg (``[Prefill] ... Complete in Xs``) and the
 decode leg (``[Decode] Generating N tokens ... Complete in Ys``), then a

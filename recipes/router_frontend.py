@@ -31,8 +31,8 @@ from pathlib import Path
 
 import httpx
 
-from backends import ClusterStartError, PDBackend, PDCluster, PDError, SGLangPDConfig, is_tiny_model
-from recipes._router import RouterProcess, router_argv
+from backends import ClusterStartError, PDBackend, PDClient, PDCluster, PDError, SGLangPDConfig, is_tiny_model
+from backends import RouterProcess, router_argv
 
 SELECT_NOTE = ("Note: sglang-router 0.3.2 refuses a batched `text` list (HTTP 422). sgl.select sends "
                "exactly that, so programs using select fail through the router; run them with "
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, prefill: list[str], decode: list[str], stack: contextlib.ExitStack) -> int:
     """Discover, start the router, check it, print how to connect, wait."""
-    with PDBackend(prefill=prefill, decode=decode) as probe:  # checks roles; learns bootstrap ports
+    with PDClient(prefill=prefill, decode=decode) as probe:  # checks roles; learns bootstrap ports
         targets = [(s.url, s.bootstrap_port) for s in probe.pools["prefill"]]
         decode = [s.url for s in probe.pools["decode"]]
         model = probe.model_path

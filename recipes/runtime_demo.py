@@ -7,7 +7,7 @@ Examples::
 
 ``PDCluster`` is the runtime: a context manager that starts the servers,
 waits until they are healthy and stops them on exit, exceptions and Ctrl-C.
-``cluster.backend()`` is the ``PDBackend`` over them; after
+``PDBackend(**cluster.urls())`` connects a backend to them; after
 ``sgl.set_default_backend(...)`` every ``@sgl.function`` runs on it without
 a ``backend=`` argument.
 """
@@ -20,7 +20,7 @@ import time
 
 import sglang as sgl
 
-from backends import ClusterStartError, PDCluster, SGLangPDConfig
+from backends import ClusterStartError, PDBackend, PDCluster, SGLangPDConfig
 from recipes._demo import TINY_MODEL_NOTE
 from sgl_programs import (
     Conversation,
@@ -38,7 +38,7 @@ _PERSON = {"type": "object", "required": ["name", "role"], "additionalProperties
 
 def simple(config: SGLangPDConfig, max_tokens: int) -> None:
     """One colocated runtime, one generation and how long it took."""
-    with PDCluster(config) as cluster, cluster.backend() as backend:
+    with PDCluster(config) as cluster, PDBackend(**cluster.urls()) as backend:
         print(f"Runtime up: {cluster.colocated_urls[0]}")
         started = time.monotonic()
         state = chat_completion.run(messages=[{"role": "user", "content": "Say something about runtimes."}],
@@ -56,7 +56,7 @@ def programs(config: SGLangPDConfig, max_tokens: int) -> None:
     """A prefill and a decode runtime as the default backend of several programs."""
     with PDCluster(config) as cluster:
         print(f"Runtimes up: prefill {cluster.prefill_urls[0]}, decode {cluster.decode_urls[0]}")
-        backend = cluster.backend()
+        backend = PDBackend(**cluster.urls())
         sgl.set_default_backend(backend)
         try:
             _run_programs(max_tokens)

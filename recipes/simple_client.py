@@ -19,13 +19,16 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-import httpx
-
-from backends import PDBackend, PDError, Timeouts, is_tiny_model
+from backends import (
+    HttpxTransport,
+    PDBackend,
+    PDError,
+    Timeouts,
+    Transport,
+    describe_server,
+    is_tiny_model,
+)
 from sgl_programs import chat_completion, classify, extract_regex
-
-#: ``disaggregation_mode`` as reported by ``/model_info`` -> the pool it belongs in.
-_ROLE_OF_MODE = {"prefill": "prefill", "decode": "decode", "null": "colocated", None: "colocated"}
 
 
 @dataclass
@@ -38,23 +41,18 @@ class ServerCheck:
     problem: str = ""
 
 
-def check_server(client: httpx.Client, url: str, listed_as: str) -> ServerCheck:
-    """Ask one server for its health, role and model."""
+def check_server(transport: Transport, url: str, listed_as: str, timeouts: Timeouts) -> ServerCheck:
+    """Ask one server for its role and model (the library's discovery) and its health."""
     check = ServerCheck(url=url.rstrip("/"), listed_as=listed_as)
     try:
-        check.healthy = client.get(f"{check.url}/health").status_code == 200
-        info = client.get(f"{check.url}/model_info")
-        info.raise_for_status()
-        body = info.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        check.problem = f"unreachable or not an SGLang server ({type(exc).__name__}: {exc})"
+        info = describe_server(transport, url, timeouts)
+        check.healthy = transport.request("GET", f"{info.url}/health", timeouts=timeouts).ok
+    except PDError as exc:
+        check.problem = f"unreachable or not an SGLang server ({exc})"
         return check
-    mode = body.get("disaggregation_mode")
-    check.role = _ROLE_OF_MODE.get(mode, f"unknown ({mode})")
-    check.model = str(body.get("model_path", "?"))
+    check.role, check.model = info.role, info.model_path
     if check.role != listed_as:
-        check.problem = (f"listed as {listed_as} but it is a {check.role} server "
-                         f"(disaggregation_mode={mode!r}); move it to --{check.role}")
+        check.problem = f"listed as {listed_as} but it is a {check.role} server; move it to --{check.role}"
     elif not check.healthy:
         check.problem = "GET /health failed: the server is up but cannot generate; see its log"
     return check
@@ -122,8 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     listed = [(url, role) for role in ("prefill", "decode", "colocated") for url in getattr(args, role)]
-    with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=3.0), trust_env=False) as client:
-        checks = [check_server(client, url, role) for url, role in listed]
+    transport = HttpxTransport(max_connections=4)
+    try:
+        limits = Timeouts(connect=3.0, first_byte=args.timeout, total=args.timeout)
+        checks = [check_server(transport, url, role, limits) for url, role in listed]
+    finally:
+        transport.close()
     print_table(checks)
     found = problems(checks)
     if found:

@@ -23,9 +23,7 @@ import types
 import httpx
 import pytest
 
-from backends import PDCluster, SGLangPDConfig
-from backends.pd_backend import PDBackend
-from backends.transport import Timeouts
+from backends import PDBackend, PDCluster, SGLangPDConfig, Timeouts, plan_servers
 from sgl_programs._threads import collector_paused
 
 
@@ -48,7 +46,7 @@ def _unhealthy(urls: list[str]) -> list[str]:
 def cluster(tmp_path_factory):
     config = _config()
     if os.environ.get("SGLPD_TEST_REUSE") == "1":
-        specs = config.servers()
+        specs = plan_servers(config)
         down = _unhealthy([s.url for s in specs])
         if down and len(down) < len(specs):
             pytest.fail(f"SGLPD_TEST_REUSE=1 but these servers are not healthy: {down}; restart them or unset it")

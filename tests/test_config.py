@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from backends import cpu
-from backends.config import SGLangPDConfig
-from backends.launch_plan import DECODE_MAX_RUNNING_REQUESTS, PORT_STRIDE
+from backends.launcher import _cpu as cpu
+from backends import SGLangPDConfig, plan_servers
+from backends.launcher._config import PORT_STRIDE
+from backends.launcher._launch_plan import DECODE_MAX_RUNNING_REQUESTS
 
 MODEL = "/models/some-model"  # a model path avoids building the tiny model
 
@@ -60,7 +61,7 @@ def test_invalid_fields_name_the_field(kwargs, field):
 
 def test_colocated_only_mode():
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio=(0, 0), colocated=1, device="cpu")
-    specs = cfg.servers()
+    specs = plan_servers(cfg)
     assert [s.role for s in specs] == ["colocated"]
     assert "--disaggregation-mode" not in specs[0].argv
 
@@ -68,7 +69,7 @@ def test_colocated_only_mode():
 def test_port_plan_is_unique_and_ordered():
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="2:3", colocated=2, base_port=31000,
                          device="cpu")
-    specs = cfg.servers()
+    specs = plan_servers(cfg)
     assert [s.name for s in specs] == ["prefill-0", "prefill-1", "decode-0", "decode-1",
                                        "decode-2", "colocated-0", "colocated-1"]
     ports = [p for s in specs for p in s.ports]
@@ -87,13 +88,13 @@ def test_port_plan_is_unique_and_ordered():
 
 
 def test_argv_starts_with_launch_server():
-    spec = SGLangPDConfig(model_path=MODEL, device="cpu").servers()[0]
+    spec = plan_servers(SGLangPDConfig(model_path=MODEL, device="cpu"))[0]
     assert spec.argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
     assert flag(spec.argv, "--model-path") == MODEL
 
 
 def test_cpu_flags_and_env():
-    specs = SGLangPDConfig(model_path=MODEL, colocated=1, device="cpu").servers()
+    specs = plan_servers(SGLangPDConfig(model_path=MODEL, colocated=1, device="cpu"))
     for s in specs:
         assert flag(s.argv, "--device") == "cpu"
         assert flag(s.argv, "--attention-backend") == "torch_native"
@@ -112,7 +113,7 @@ def test_cpu_flags_and_env():
 def test_gpu_flags_env_and_gpu_ids():
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:2", colocated=1, tp_size=2,
                          mem_fraction_static=0.85)
-    prefill, d0, d1, coloc = cfg.servers(device="cuda", gpu_count=8)
+    prefill, d0, d1, coloc = plan_servers(cfg, device="cuda", gpu_count=8)
     assert [s.gpu_ids for s in (prefill, d0, d1, coloc)] == [(0, 1), (2, 3), (4, 5), (6, 7)]
     assert d1.env["CUDA_VISIBLE_DEVICES"] == "4,5"
     for s in (prefill, d0, d1, coloc):
@@ -129,32 +130,32 @@ def test_local_plan_uses_the_visible_gpus_and_a_given_count_ignores_them(monkeyp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     monkeypatch.setattr(cpu, "gpu_count", lambda: 4)
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2)
-    assert [s.gpu_ids for s in cfg.servers(device="cuda")] == [(4, 5), (6, 7)]
+    assert [s.gpu_ids for s in plan_servers(cfg, device="cuda")] == [(4, 5), (6, 7)]
     # A count given explicitly plans some machine's GPUs 0..n-1 (multinode_plan).
-    assert [s.gpu_ids for s in cfg.servers(device="cuda", gpu_count=4)] == [(0, 1), (2, 3)]
+    assert [s.gpu_ids for s in plan_servers(cfg, device="cuda", gpu_count=4)] == [(0, 1), (2, 3)]
 
 
 def test_gpu_plan_refuses_too_few_gpus():
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2)
     with pytest.raises(ValueError, match="need 4 GPUs"):
-        cfg.servers(device="cuda", gpu_count=2)
+        plan_servers(cfg, device="cuda", gpu_count=2)
 
 
 def test_role_args_come_last_and_override():
     cfg = SGLangPDConfig(model_path=MODEL, device="cpu",
                          decode_args=["--max-running-requests", "8"],
                          prefill_args=["--chunked-prefill-size", "512"])
-    prefill, decode = cfg.servers()
+    prefill, decode = plan_servers(cfg)
     assert flag(decode.argv, "--max-running-requests") == "8"
     assert prefill.argv[-2:] == ["--chunked-prefill-size", "512"]
 
 
 def test_decode_torch_compile_flag():
-    _, decode = SGLangPDConfig(model_path=MODEL, decode_torch_compile=True).servers(
+    _, decode = plan_servers(SGLangPDConfig(model_path=MODEL, decode_torch_compile=True), 
         device="cuda", gpu_count=2)
     assert "--enable-torch-compile" in decode.argv
     with pytest.raises(ValueError, match="decode_torch_compile"):
-        SGLangPDConfig(model_path=MODEL, decode_torch_compile=True).servers(device="cpu")
+        plan_servers(SGLangPDConfig(model_path=MODEL, decode_torch_compile=True), device="cpu")
 
 
 @pytest.mark.parametrize("name, model, ratio, tp, mem", [
@@ -203,18 +204,18 @@ def test_is_tiny_model(tmp_path):
 
 def test_data_parallel_role_gets_its_own_gpus_ports_and_cpu_binding():
     cfg = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2, prefill_args=["--dp-size", "2"])
-    prefill, decode = cfg.servers(device="cuda", gpu_count=6)
+    prefill, decode = plan_servers(cfg, device="cuda", gpu_count=6)
     assert prefill.gpu_ids == (0, 1, 2, 3) and decode.gpu_ids == (4, 5)  # tp 2 x dp 2, then tp 2
     assert "--nccl-port" not in prefill.argv and prefill.nccl_port is None  # SGLang gives DP ranks one port
     assert prefill.ports == (prefill.port, prefill.bootstrap_port)
     assert flag(decode.argv, "--nccl-port") == str(decode.nccl_port)
     with pytest.raises(ValueError, match="need 8 GPUs"):
-        SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2,
-                       decode_args=["--data-parallel-size=3"]).servers(device="cuda", gpu_count=6)
+        plan_servers(SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2,
+                       decode_args=["--data-parallel-size=3"]), device="cuda", gpu_count=6)
 
-    on_cpu = SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", prefill_args=["--dp-size", "2"]).servers(device="cpu")
+    on_cpu = plan_servers(SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", prefill_args=["--dp-size", "2"]), device="cpu")
     binds = on_cpu[0].env["SGLANG_CPU_OMP_THREADS_BIND"].split("|")
     assert len(binds) == 2 and all(b.isdigit() for b in binds)  # one core per rank
     assert "SGLANG_CPU_OMP_THREADS_BIND" not in on_cpu[1].env
     with pytest.raises(ValueError, match="--dp-size needs a positive integer"):
-        SGLangPDConfig(model_path=MODEL, prefill_args=["--dp-size", "x"]).servers(device="cpu")
+        plan_servers(SGLangPDConfig(model_path=MODEL, prefill_args=["--dp-size", "x"]), device="cpu")

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from backends import cpu
+from backends.launcher import _cpu as cpu
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from backends.errors import (
     NoHealthyServerError,
     StreamInterruptedError,
 )
-from backends.memory_transport import InMemoryTransport
-from backends.pd_backend import PDBackend
-from backends.retry import RetryPolicy
-from tests.fakes import FakeServer
+from backends.testing import InMemoryTransport
+from backends import PDBackend
+from backends.adapter._retry import RetryPolicy
+from backends.testing import FakeServer
 
 P1, P2, D1, C1 = "http://p1:1", "http://p2:1", "http://d1:1", "http://c1:1"
 
@@ -67,7 +67,7 @@ def test_prompt_logprobs_come_from_prefill():
 def test_batched_body_gets_one_room_per_item():
     prefill, decode = FakeServer("prefill"), FakeServer("decode")
     backend, _ = make({P1: prefill, D1: decode})
-    answer = backend._execute("select", {"text": ["a", "b", "c"], "sampling_params": {"max_new_tokens": 0}})
+    answer = backend.client.send("select", {"text": ["a", "b", "c"], "sampling_params": {"max_new_tokens": 0}}).answer
     rooms = prefill.generated[0]["bootstrap_room"]
     assert len(answer) == 3 and rooms == decode.generated[0]["bootstrap_room"]
     assert len(set(rooms)) == 3 and len(prefill.generated[0]["rid"]) == 3
@@ -102,7 +102,7 @@ def test_dead_prefill_costs_one_retry_on_the_other():
     p1.dead = True
     results = [backend.generate(state(f"prompt {i} " * 30), params())[0] for i in range(6)]
     assert results == [" reply"] * 6
-    assert backend.health()[P1]["healthy"] is False
+    assert backend.client.health()[P1]["healthy"] is False
     records = backend.metrics.records()
     assert sum(r.attempts - 1 for r in records) == 1  # only the first request paid a retry
     assert all(r.prefill == P2 for r in records)
@@ -162,12 +162,12 @@ def test_an_abort_that_overtakes_its_leg_is_sent_again():
     rid = p1.generated[0]["rid"]
     assert _wait_until(lambda: p1.released_by_abort == [rid], 3.0), "the held prefill leg was never aborted"
     assert p1.aborted.count(rid) >= 2  # the first abort came too early; a later one freed it
-    assert _wait_until(lambda: backend._dispatcher._follow_up.pending() == 0, 3.0)
+    assert _wait_until(lambda: backend.client._dispatcher._follow_up.pending() == 0, 3.0)
     backend.shutdown()
 
 
 def test_abort_follow_up_stops_when_the_leg_answers_or_its_deadline_passes():
-    from backends.aborts import AbortFollowUp
+    from backends.adapter._aborts import AbortFollowUp
 
     sent = []
     follow_up = AbortFollowUp(lambda server, rids: sent.append((server, *rids)), first_pause=0.02, max_pause=0.05)
@@ -197,7 +197,7 @@ def test_abort_follow_up_stops_when_the_leg_answers_or_its_deadline_passes():
 
 
 def test_a_probe_that_raises_does_not_end_the_prober():
-    from backends.health import HealthTracker
+    from backends.adapter._health import HealthTracker
 
     outcomes = iter([RuntimeError("socket in a bad state"), False, True])
 
@@ -222,7 +222,7 @@ def test_a_bare_os_error_from_the_connection_pool_is_a_retryable_failure(monkeyp
     import httpx
 
     from backends.errors import ServerUnavailableError
-    from backends.transport import HttpxTransport, Timeouts
+    from backends.adapter._transport import HttpxTransport, Timeouts
 
     transport = HttpxTransport()
 
@@ -240,18 +240,18 @@ def test_a_stream_never_iterated_sends_nothing_and_holds_no_load():
     p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="abc")
     backend, _ = make({P1: p1, D1: d1})
     stream = backend.generate_stream(state(), params())
-    assert p1.generated == [] and d1.generated == [] and backend.loads() == {}
+    assert p1.generated == [] and d1.generated == [] and backend.client.loads() == {}
     del stream
-    assert backend.loads() == {}
+    assert backend.client.loads() == {}
     assert "".join(d for d, _ in backend.generate_stream(state(), params())) == "abc"
-    assert backend.loads() == {}
+    assert backend.client.loads() == {}
 
 
 def test_dp_prefill_rooms_keep_a_conversation_on_one_rank():
     p1, d1 = FakeServer("prefill"), FakeServer("decode")
     p1.dp_size, p1.enable_dp_attention = 4, True
     backend, _ = make({P1: p1, D1: d1})
-    assert backend.pools["prefill"][0].dp_ranks == 4 and backend.pools["prefill"][0].serving_ranks == (0, 1, 2, 3)
+    assert backend.client.pools["prefill"][0].dp_ranks == 4 and backend.client.pools["prefill"][0].serving_ranks == (0, 1, 2, 3)
     history = "System: you keep a ship's log.\n"
     for turn in range(4):
         history += f"User: entry {turn}, wind north, sea calm\nAssistant:"
@@ -271,7 +271,7 @@ def test_dp_prefill_rooms_keep_a_conversation_on_one_rank():
     round_robin = FakeServer("prefill")
     round_robin.dp_size, round_robin.load_balance_method = 4, "round_robin"  # rooms do not pick the rank
     plain, _ = make({P2: round_robin, D1: FakeServer("decode")})
-    assert plain.pools["prefill"][0].dp_ranks == 1
+    assert plain.client.pools["prefill"][0].dp_ranks == 1
 
 
 def test_bad_request_is_not_retried():
@@ -280,7 +280,7 @@ def test_bad_request_is_not_retried():
     p1.generate_status = d1.generate_status = 400
     with pytest.raises(BadRequestError, match="fake 400"):
         backend.generate(state(), params())
-    assert len(p1.generated) == 1 and backend.health()[P1]["healthy"]
+    assert len(p1.generated) == 1 and backend.client.health()[P1]["healthy"]
 
 
 def test_no_healthy_decode_raises_quickly_and_recovers():
@@ -293,7 +293,7 @@ def test_no_healthy_decode_raises_quickly_and_recovers():
     assert time.monotonic() - started < 2
     d1.dead = False
     deadline = time.monotonic() + 3
-    while not backend.health()[D1]["healthy"] and time.monotonic() < deadline:
+    while not backend.client.health()[D1]["healthy"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert backend.generate(state(), params())[0] == " reply"
 
@@ -304,8 +304,8 @@ def test_circuit_breaker_opens_after_repeated_server_errors():
     p1.generate_status = 500
     for i in range(4):
         backend.generate(state(f"q{i} " * 50), params())
-    assert backend.health()[P1]["healthy"] is False
-    assert backend.health()[P1]["consecutive_failures"] == 2
+    assert backend.client.health()[P1]["healthy"] is False
+    assert backend.client.health()[P1]["consecutive_failures"] == 2
 
 
 def test_cache_aware_keeps_a_prefix_on_one_prefill_server():
@@ -343,15 +343,15 @@ def test_stream_yields_deltas_and_breaks_loudly():
 def test_request_stream_yields_the_servers_events_and_refuses_batches():
     p1, d1 = FakeServer("prefill"), FakeServer("decode", reply="abc")
     backend, _ = make({P1: p1, D1: d1})
-    events = list(backend.request_stream({"text": "hi", "sampling_params": {"max_new_tokens": 3}}))
+    events = list(backend.client.request_stream({"text": "hi", "sampling_params": {"max_new_tokens": 3}}))
     assert [e["text"] for e in events] == ["a", "ab", "abc"]
     assert d1.generated[-1]["stream"] is True and "stream" not in p1.generated[-1]
     for bad, message in [({"text": ["a", "b"]}, "one prompt"), ({"input_ids": [[1], [2]]}, "one prompt"),
                          ({"sampling_params": {}}, "'text' or 'input_ids'"), ("hi", "'text' or 'input_ids'")]:
         with pytest.raises(BadRequestError, match=message):
-            backend.request_stream(bad)
+            backend.client.request_stream(bad)
     with pytest.raises(BadRequestError, match="request_stream"):
-        backend.request({"text": "hi", "stream": True})
+        backend.client.request({"text": "hi", "stream": True})
 
 
 def test_in_band_stream_error_before_text_is_retried_elsewhere():
@@ -415,7 +415,7 @@ def test_end_program_spares_running_programs_and_aborts_orphans():
     backend, _ = make({P1: p1, D1: d1})
     running = types.SimpleNamespace(sid="live", is_finished=False, use_thread=True)
     finished = types.SimpleNamespace(sid="dead", is_finished=True, use_thread=True)
-    backend._tracker("live")(D1, ["rid-live"], True)
-    backend._tracker("dead")(D1, ["rid-dead"], True)
+    backend.client._inflight.tracker("live")(D1, ["rid-live"], True)
+    backend.client._inflight.tracker("dead")(D1, ["rid-dead"], True)
     backend.end_program([running, finished])
     assert d1.aborted == ["rid-dead"]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from backends.prefix_index import PrefixIndex, block_keys
-from backends.routing import Candidates, CacheAware, LeastLoaded, RandomChoice, RoundRobin
+from backends.adapter._prefix_index import PrefixIndex, block_keys
+from backends.adapter._policies import Candidates, CacheAware, LeastLoaded, LoadGuard, RandomChoice, RoundRobin
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
@@ -65,7 +65,7 @@ def test_cache_aware_ignores_small_matches():
 
 
 def test_cache_aware_balances_when_loads_diverge():
-    policy = CacheAware(balance_abs=4, balance_rel=1.5)
+    policy = LoadGuard(CacheAware(), balance_abs=4, balance_rel=1.5)
     busy = Candidates((A, B), loads={A: 0, B: 10}, matched_chars={B: 900}, prompt_chars=1000)
     assert policy.choose(busy).server == A
     calm = Candidates((A, B), loads={A: 0, B: 3}, matched_chars={B: 900}, prompt_chars=1000)
@@ -79,21 +79,20 @@ def test_cache_aware_rejects_bad_ratio():
 
 def test_router_claims_the_prefix_when_it_decides():
     """A request routed while another of its group is still in flight follows it (no success needed)."""
-    from backends.health import HealthTracker
-    from backends.router import Router
-    from backends.routing import LeastLoaded
-    from backends.servers import ServerInfo
+    from backends.adapter._health import HealthTracker
+    from backends.adapter._router import Router
+    from backends.adapter._policies import LeastLoaded
+    from backends.adapter._servers import ServerInfo
 
     pools = {
         "prefill": [ServerInfo(A, "prefill", "m", "a", 1), ServerInfo(B, "prefill", "m", "b", 1)],
         "decode": [ServerInfo(C, "decode", "m", "c")],
         "colocated": [],
     }
-    router = Router(pools, HealthTracker([A, B, C], probe=lambda url: True), PrefixIndex(),
-                    {"prefill": CacheAware(), "decode": LeastLoaded(), "colocated": CacheAware()})
+    router = _router(pools)
     shared = "a long shared instruction block " * 20
     first = router.route(shared + "question one")
-    with router.in_flight(first):
+    with router.inflight.holding(first):
         second = router.route(shared + "question two")
         other = router.route("an unrelated prompt about something else entirely " * 10)
     assert second.prefill.url == first.prefill.url and second.reason.startswith("prefill:prefix_match")
@@ -101,7 +100,7 @@ def test_router_claims_the_prefix_when_it_decides():
 
 
 def test_rooms_never_repeat_and_land_on_the_asked_rank():
-    from backends.payloads import RoomAllocator, with_bootstrap
+    from backends.adapter._payloads import RoomAllocator, with_bootstrap
 
     rooms = RoomAllocator(seed=7)
     used = []
@@ -116,15 +115,25 @@ def test_rooms_never_repeat_and_land_on_the_asked_rank():
 
 
 def _dp_router(ranks: int, serving: tuple[int, ...] | None = None):
-    from backends.health import HealthTracker
-    from backends.router import Router
-    from backends.servers import ServerInfo
+    from backends.adapter._health import HealthTracker
+    from backends.adapter._router import Router
+    from backends.adapter._servers import ServerInfo
 
     serving = tuple(range(ranks)) if serving is None else serving
     pools = {"prefill": [ServerInfo(A, "prefill", "m", "a", 9000, dp_ranks=ranks, serving_ranks=serving)],
              "decode": [ServerInfo(B, "decode", "m", "b")], "colocated": []}
-    return Router(pools, HealthTracker([A, B], probe=lambda url: True), PrefixIndex(),
-                  {"prefill": CacheAware(), "decode": LeastLoaded(), "colocated": CacheAware()})
+    return _router(pools)
+
+
+def _router(pools):
+    from backends.adapter._health import HealthTracker
+    from backends.adapter._inflight import InFlight
+    from backends.adapter._router import Router
+
+    urls = [s.url for servers in pools.values() for s in servers]
+    return Router(pools, HealthTracker(urls, probe=lambda url: True), PrefixIndex(), InFlight(),
+                  {"prefill": CacheAware(), "decode": LeastLoaded(), "colocated": CacheAware(),
+                   "prefill_rank": CacheAware()})
 
 
 def test_a_conversation_stays_on_its_dp_rank_and_new_ones_spread():
@@ -145,9 +154,9 @@ def test_a_conversation_stays_on_its_dp_rank_and_new_ones_spread():
 def test_in_flight_counts_the_dp_rank_and_single_rank_servers_are_untouched():
     router = _dp_router(ranks=2)
     route = router.route("some prompt " * 10)
-    with router.in_flight(route):
-        assert router.loads() == {A: 1, B: 1, f"{A}#dp{route.prefill_rank}": 1}
-    assert router.loads() == {}
+    with router.inflight.holding(route):
+        assert router.inflight.loads() == {A: 1, B: 1, f"{A}#dp{route.prefill_rank}": 1}
+    assert router.inflight.loads() == {}
     plain = _dp_router(ranks=1).route("some prompt " * 10)
     assert plain.prefill_rank is None and plain.target.room_stride == 1 and "@dp" not in plain.reason
 
@@ -160,9 +169,9 @@ def test_a_plain_dp_server_gets_rank_zero_rooms_only():
 
 
 def test_new_prefixes_go_to_the_smaller_cache_unless_loads_diverge():
-    from backends.routing import SmallestCache
+    from backends.adapter._policies import SmallestCache
 
-    policy = CacheAware(balance_abs=4, balance_rel=1.5)
+    policy = LoadGuard(CacheAware(), balance_abs=4, balance_rel=1.5)
     # B is busier this instant but caches less: the new conversation (and its later turns) goes there.
     spread = Candidates((A, B), loads={A: 1, B: 2}, held_blocks={A: 40, B: 10}, prompt_chars=100)
     choice = policy.choose(spread)

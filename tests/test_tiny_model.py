@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from backends.tiny_model import MARKER_FILE, TINY_MODEL_NAME, ensure_tiny_model, is_tiny_model
+from backends.launcher._tiny_model import MARKER_FILE, TINY_MODEL_NAME, ensure_tiny_model, is_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_second_call_reuses_cache(two_builds):
 
 
 def test_env_var_moves_default_cache(monkeypatch, tmp_path):
-    from backends.tiny_model import default_cache_dir
+    from backends.launcher._tiny_model import default_cache_dir
 
     monkeypatch.setenv("SGLPD_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "models"

@@ -3,7 +3,8 @@
 Why stubs: on real servers the adapter's work (routing, prefix hashing, room
 allocation, the prefill leg's pool thread, retries bookkeeping, metrics) hides
 behind milliseconds of model time. With servers that answer instantly through
-an :class:`~backends.InMemoryTransport`, what remains is the adapter itself.
+an :class:`~backends.testing.InMemoryTransport` (the library's own :class:`~backends.testing.FakeServer`
+stubs), what remains is the adapter itself.
 
 Baseline ("direct"): what any PD client must do at the least, calling the
 same stub handlers directly: one call to the prefill stub and one to the
@@ -17,33 +18,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from backends import InMemoryTransport, PDBackend
+from backends import PDClient
+from backends.testing import FakeServer, InMemoryTransport
 
-METHOD = ("N requests through PDBackend.request on an InMemoryTransport whose stub prefill/decode servers answer "
+METHOD = ("N requests through PDClient.request on an InMemoryTransport whose stub prefill/decode servers answer "
           "at once, against N direct calls of the same stub handlers (prefill then decode); process CPU time "
           "(all threads) and wall time per request")
 
 _PREFILL = ("http://stub-prefill-0:1", "http://stub-prefill-1:1")
 _DECODE = ("http://stub-decode-0:1",)
-
-
-class StubServer:
-    """An SGLang server that answers the adapter's few routes at once (a copy of the idea of tests/fakes.py)."""
-
-    def __init__(self, role: str) -> None:
-        self.role = role
-        self._answer = {"text": " ok", "output_ids": [1, 2],
-                        "meta_info": {"prompt_tokens": 1, "completion_tokens": 2, "cached_tokens": 0,
-                                      "finish_reason": {"type": "length"}}}
-
-    def __call__(self, method: str, path: str, body: Any) -> tuple[int, Any]:
-        if path == "/generate":
-            return 200, self._answer
-        if path == "/model_info":
-            return 200, {"model_path": "stub-model", "disaggregation_mode": self.role}
-        if path == "/server_info":
-            return 200, {"disaggregation_bootstrap_port": 9000}
-        return 200, {}
 
 
 def _timed(call, count: int) -> dict[str, float]:
@@ -61,10 +44,11 @@ def _prompts(chars: int, count: int) -> list[str]:
 
 
 def measure(requests: int = 2000, prompt_chars: tuple[int, ...] = (200, 8000)) -> dict[str, Any]:
-    """Microseconds per request through ``PDBackend.request`` and through direct stub calls."""
-    servers = {url: StubServer("prefill") for url in _PREFILL} | {url: StubServer("decode") for url in _DECODE}
+    """Microseconds per request through ``PDClient.request`` and through direct stub calls."""
+    servers = {url: FakeServer("prefill", model="stub-model") for url in _PREFILL} | {
+        url: FakeServer("decode", model="stub-model") for url in _DECODE}
     transport = InMemoryTransport(servers)
-    backend = PDBackend(prefill=list(_PREFILL), decode=list(_DECODE), transport=transport, chat_template="chatml")
+    client = PDClient(prefill=list(_PREFILL), decode=list(_DECODE), transport=transport)
     prefill_stub, decode_stub = servers[_PREFILL[0]], servers[_DECODE[0]]
     cases = []
     try:
@@ -72,14 +56,16 @@ def measure(requests: int = 2000, prompt_chars: tuple[int, ...] = (200, 8000)) -
             prompts = _prompts(chars, requests)
             bodies = [{"text": p, "sampling_params": {"max_new_tokens": 2}} for p in prompts]
             for body in bodies[: min(50, requests)]:  # warm-up: imports, pool threads, allocator
-                backend.request(body)
+                client.request(body)
             transport.calls.clear()
 
-            def direct(i: int) -> None:
-                prefill_stub("POST", "/generate", bodies[i])
-                decode_stub("POST", "/generate", bodies[i])
+            paired = [{**body, "bootstrap_host": "stub", "bootstrap_room": i} for i, body in enumerate(bodies)]
 
-            adapter = _timed(lambda i: backend.request(bodies[i]), requests)
+            def direct(i: int) -> None:
+                prefill_stub("POST", "/generate", paired[i])
+                decode_stub("POST", "/generate", paired[i])
+
+            adapter = _timed(lambda i: client.request(bodies[i]), requests)
             transport.calls.clear()  # the in-memory transport records every call; keep memory flat
             baseline = _timed(direct, requests)
             cases.append({
@@ -88,5 +74,5 @@ def measure(requests: int = 2000, prompt_chars: tuple[int, ...] = (200, 8000)) -
                 "added_cpu_us": adapter["cpu_us"] - baseline["cpu_us"],
             })
     finally:
-        backend.shutdown()
+        client.close()
     return {"method": METHOD, "cases": cases}

@@ -2,7 +2,7 @@
 
 Why its own process per run: the Rust router's cache-aware tree lives in the
 router, so a router started for one run and stopped after it starts cold like
-every other route. The process itself is a :class:`recipes._router.RouterProcess`
+every other route. The process itself is a :class:`backends.RouterProcess`
 (own session, stopped on close, errors and Ctrl-C). Ports come from 36000 up,
 skipping taken ones, since other people launch routers on this range too.
 """
@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from recipes._router import LAUNCH_MODULE, RouterPortTaken, RouterProcess
+from backends import ROUTER_MODULE, RouterPortTaken, RouterProcess
 from recipes.bench.routes import HttpRoute
 
 
@@ -78,7 +78,7 @@ class RouterRoute(HttpRoute):
         """Start the router process without waiting for it (routes of a group start together)."""
         port = self.ports.take()
         self.url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", LAUNCH_MODULE, *self.router_args, "--host", "127.0.0.1", "--port", str(port)]
+        argv = [sys.executable, "-m", ROUTER_MODULE, *self.router_args, "--host", "127.0.0.1", "--port", str(port)]
         if "--mini-lb" not in self.router_args:
             # The Rust router also binds a Prometheus exporter (default port 29000): one per router.
             argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.ports.take())]

@@ -26,9 +26,9 @@ import httpx
 from sglang.lang.ir import SglSamplingParams
 
 from backends import PDBackend, RoundRobin, Timeouts
-from backends.payloads import sampling_body
 
 STREAM_TTFT = "client time to first SSE chunk (stream=true)"
+_LIMITS = Timeouts(connect=5.0, first_byte=600.0, total=600.0)
 
 
 @dataclass
@@ -51,7 +51,11 @@ def request_body(prompt: str, params: SglSamplingParams, stream: bool) -> dict:
 
 
 class HttpRoute:
-    """Plain ``/generate`` calls to one URL: a router in front of PD servers, or one colocated server."""
+    """Plain ``/generate`` calls to one URL: a router in front of PD servers, or one colocated server.
+
+    Sent over the library's own transport (the same pooled httpx client and
+    SSE parsing the adapter uses), so routes differ only in where requests go.
+    """
 
     kind = "http"
 
@@ -59,19 +63,18 @@ class HttpRoute:
         self.name = name
         self.url = url
         self._max_connections = max_connections
-        self._client: httpx.Client | None = None
+        self._transport: HttpxTransport | None = None
 
     def ttft_method(self, stream: bool) -> str:
         return STREAM_TTFT if stream else "not measured (non-streamed; only the adapter can time its prefill leg)"
 
     def open(self) -> None:
-        limits = httpx.Limits(max_connections=self._max_connections, max_keepalive_connections=self._max_connections)
-        self._client = httpx.Client(limits=limits, timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False)
+        self._transport = HttpxTransport(max_connections=self._max_connections)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
 
     def diagnostics(self) -> dict[str, Any]:
         return {}
@@ -82,74 +85,59 @@ class HttpRoute:
         outcome = Outcome()
         try:
             if stream:
-                self._stream(body, started, outcome)
+                for event in self._transport.stream(f"{self.url}/generate", json_body=body, timeouts=_LIMITS):
+                    if outcome.ttft is None:
+                        outcome.ttft = time.monotonic() - started
+                    outcome.text, outcome.meta = event.get("text", ""), event.get("meta_info", {})
+                if outcome.meta is None:
+                    outcome.error = "stream ended without any chunk"
             else:
-                answer = self._client.post(f"{self.url}/generate", json=body)
-                if answer.status_code != 200:
-                    outcome.error = f"HTTP {answer.status_code}: {answer.text[:300]}"
+                answer = self._transport.request("POST", f"{self.url}/generate", json_body=body, timeouts=_LIMITS)
+                if not answer.ok:
+                    outcome.error = f"HTTP {answer.status}: {answer.error_message()[:300]}"
                 else:
-                    data = answer.json()
-                    outcome.text, outcome.meta = data.get("text", ""), data.get("meta_info", {})
-        except httpx.HTTPError as exc:
+                    outcome.text, outcome.meta = answer.body.get("text", ""), answer.body.get("meta_info", {})
+        except PDError as exc:
             outcome.error = f"{type(exc).__name__}: {exc}"
         outcome.e2e = time.monotonic() - started
         return outcome
 
-    def _stream(self, body: dict, started: float, outcome: Outcome) -> None:
-        with self._client.stream("POST", f"{self.url}/generate", json=body) as answer:
-            if answer.status_code != 200:
-                outcome.error = f"HTTP {answer.status_code}: {answer.read().decode(errors='replace')[:300]}"
-                return
-            for line in answer.iter_lines():
-                if not line.startswith("data:") or line[5:].strip() in ("", "[DONE]"):
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    outcome.error = f"in-band error: {event['error']}"
-                    return
-                if outcome.ttft is None:
-                    outcome.ttft = time.monotonic() - started
-                outcome.text, outcome.meta = event.get("text", ""), event.get("meta_info", {})
-        if outcome.meta is None:
-            outcome.error = "stream ended without any chunk"
-
 
 class AdapterRoute:
-    """``PDBackend`` built for this route only (cold prefix index), with the given prefill policy."""
+    """A ``PDClient`` built for this route only (cold prefix index), with the given prefill policy."""
 
     kind = "adapter"
 
     def __init__(self, name: str, prefill: list[str], decode: list[str], policy: str) -> None:
         self.name = name
         self.prefill, self.decode, self.policy = prefill, decode, policy
-        self.backend: PDBackend | None = None
+        self.client: PDClient | None = None
 
     def ttft_method(self, stream: bool) -> str:
         if stream:
-            return STREAM_TTFT + " via PDBackend.request_stream"
+            return STREAM_TTFT + " via PDClient.request_stream"
         return "adapter metrics: prefill-leg latency (answered once the KV reached decode)"
 
     def open(self) -> None:
-        policy = RoundRobin() if self.policy == "round_robin" else None  # None: the default CacheAware
-        self.backend = PDBackend(prefill=self.prefill, decode=self.decode, prefill_policy=policy,
-                                 timeouts=Timeouts(connect=5.0, first_byte=600.0, total=600.0))
+        policy = RoundRobin() if self.policy == "round_robin" else None  # None: the default LoadGuard(CacheAware())
+        self.client = PDClient(prefill=self.prefill, decode=self.decode, prefill_policy=policy, timeouts=_LIMITS)
 
     def close(self) -> None:
-        if self.backend is not None:
-            self.backend.shutdown()
-            self.backend = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     def send(self, prompt: str, params: SglSamplingParams, stream: bool) -> Outcome:
         started = time.monotonic()
         outcome = Outcome()
         try:
             if stream:
-                for event in self.backend.request_stream(request_body(prompt, params, stream=True)):
+                for event in self.client.request_stream(request_body(prompt, params, stream=True)):
                     if outcome.ttft is None:
                         outcome.ttft = time.monotonic() - started
                     outcome.text, outcome.meta = event.get("text", ""), event.get("meta_info", {})
             else:
-                answer = self.backend.request(request_body(prompt, params, stream=False))
+                answer = self.client.request(request_body(prompt, params, stream=False))
                 outcome.text, outcome.meta = answer["text"], answer["meta_info"]
         except Exception as exc:  # noqa: BLE001 - any failure is this request's error, reported
             outcome.error = f"{type(exc).__name__}: {exc}"
@@ -157,18 +145,12 @@ class AdapterRoute:
         return outcome
 
     def diagnostics(self) -> dict[str, Any]:
-        """Why each request went where it went (``route_reason``), from the adapter's own metrics."""
-        records = self.backend.metrics.records() if self.backend else []
-        reasons = Counter(_reason_class(r.route_reason) for r in records)
+        """Why each request went where it went (``route_rule``), from the adapter's own metrics."""
+        records = self.client.metrics.records() if self.client else []
+        reasons = Counter(r.route_rule for r in records)
         return {
             "route_reasons": dict(reasons),
             "prefill_servers": dict(Counter(r.prefill for r in records if r.prefill)),
             "metrics_ttft": [r.ttft for r in records if r.ttft is not None and r.error is None],
             "records": [r.as_dict() for r in records],
         }
-
-
-def _reason_class(reason: str) -> str:
-    """``prefill:prefix_match(0.93) decode:least_loaded(load=3)`` -> ``prefix_match``."""
-    prefill = reason.split(" decode:")[0].removeprefix("prefill:")
-    return re.sub(r"\([^)]*\)", "", prefill)

@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import httpx
-
+from backends import PDClient
 from recipes.bench.routes import Outcome
 from recipes.bench.workloads import Render, Workload
 
@@ -157,22 +156,20 @@ def run_workload(workload: Workload, route, *, render: Render, stream: bool, con
     return RunResult(samples, duration)
 
 
-def flush_caches(urls: list[str], timeout: float = 120.0) -> None:
-    """Empty every server's radix cache, retrying while a server answers 400 (requests still running).
+def flush_caches(servers, wait: float = 120.0) -> None:
+    """Empty every server's radix cache through the library (``PDClient.flush_cache``).
+
+    Parameters
+    ----------
+    servers
+        A ``Servers`` of :mod:`recipes.bench.topology`.
+    wait
+        Seconds each server may take to drain first (it refuses to flush while requests run).
 
     Raises
     ------
-    RuntimeError
-        A server still refuses after ``timeout`` seconds (someone else keeps it busy).
+    PDError
+        A server still refused (someone else keeps it busy) or is unreachable.
     """
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=30.0, trust_env=False) as client:
-        for url in urls:
-            while True:
-                answer = client.post(f"{url}/flush_cache")
-                if answer.status_code == 200:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url}/flush_cache still answers HTTP {answer.status_code} after "
-                                       f"{timeout:.0f} s: {answer.text[:200]}")
-                time.sleep(0.5)
+    with PDClient(prefill=servers.prefill, decode=servers.decode, colocated=servers.colocated) as client:
+        client.flush_cache(wait=wait)

@@ -133,7 +133,7 @@ def run_all(servers: Servers, runs: list[Run], tokenizer: Any, render: Render, o
             finally:
                 for route in routes:
                     route.close()
-    flush_caches(servers.all_urls)
+    flush_caches(servers)
     return results
 
 
@@ -144,7 +144,7 @@ def _run_one(item: Run, route, servers: Servers, tokenizer: Any, render: Render,
     entry: dict[str, Any] = {"topology": item.topology, "workload": item.workload.name,
                              "route": route.name, "repeat": item.repeat}
     try:
-        flush_caches(servers.all_urls)
+        flush_caches(servers)
         route.open()
         try:
             outside.start(getattr(route, "sessions", set()))

@@ -14,9 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import httpx
-
-from backends import PDCluster, SGLangPDConfig
+from backends import HttpxTransport, PDCluster, SGLangPDConfig, Timeouts, describe_server
 
 
 @dataclass(frozen=True)
@@ -44,11 +42,15 @@ class Topology:
 
 
 def bootstrap_port(url: str) -> int:
-    """A prefill server's ``disaggregation_bootstrap_port``, checking that it is a prefill server."""
-    info = httpx.get(f"{url}/server_info", timeout=30.0, trust_env=False).json()
-    if info.get("disaggregation_mode") != "prefill":
-        raise ValueError(f"{url} is not a prefill server (disaggregation_mode={info.get('disaggregation_mode')!r})")
-    return int(info["disaggregation_bootstrap_port"])
+    """A prefill server's bootstrap port, as the adapter discovers it; ``ValueError`` for another role."""
+    transport = HttpxTransport(max_connections=2)
+    try:
+        info = describe_server(transport, url, Timeouts(connect=5.0, first_byte=30.0, total=30.0))
+    finally:
+        transport.close()
+    if info.role != "prefill":
+        raise ValueError(f"{url} is not a prefill server (it is a {info.role} server)")
+    return info.bootstrap_port
 
 
 def from_urls(prefill: list[str], decode: list[str], colocated: list[str]) -> Servers:

@@ -16,27 +16,27 @@ def _last_record(backend):
 
 def test_unknown_sampling_key_is_refused_once(pd_backend):
     with pytest.raises(BadRequestError) as caught:
-        pd_backend.request({"text": "hi", "sampling_params": {"max_new_tokens": 2, "temprature": 0}})
+        pd_backend.client.request({"text": "hi", "sampling_params": {"max_new_tokens": 2, "temprature": 0}})
     assert "temprature" in str(caught.value) and caught.value.status == 400
     assert _last_record(pd_backend).attempts == 1  # a 4xx is never retried
 
 
 def test_negative_max_tokens_is_refused_before_sending(pd_backend):
     with pytest.raises(BadRequestError, match="max_new_tokens must be a non-negative integer"):
-        pd_backend.request({"text": "hi", "sampling_params": {"max_new_tokens": -5}})
+        pd_backend.client.request({"text": "hi", "sampling_params": {"max_new_tokens": -5}})
     assert _last_record(pd_backend).attempts == 0
 
 
 def test_regex_that_does_not_compile(pd_backend):
     with pytest.raises(BadRequestError, match="does not compile"):
-        pd_backend.request({"text": "hi", "sampling_params": {"max_new_tokens": 2, "regex": "(unclosed"}})
+        pd_backend.client.request({"text": "hi", "sampling_params": {"max_new_tokens": 2, "regex": "(unclosed"}})
 
 
 def test_negative_temperature_is_the_servers_400(pd_backend):
     with pytest.raises(BadRequestError, match="temperature"):
-        pd_backend.request({"text": "hi", "sampling_params": {"max_new_tokens": 2, "temperature": -1}})
+        pd_backend.client.request({"text": "hi", "sampling_params": {"max_new_tokens": 2, "temperature": -1}})
     assert _last_record(pd_backend).attempts == 1
-    assert all(state["healthy"] for state in pd_backend.health().values())  # the caller's fault, not the server's
+    assert all(state["healthy"] for state in pd_backend.client.health().values())  # the caller's fault, not the server's
 
 
 def _free_port() -> int:

@@ -20,7 +20,7 @@ import os
 import pytest
 import sglang as sgl
 
-from backends import PDCluster, SGLangPDConfig
+from backends import PDBackend, PDCluster, SGLangPDConfig
 
 COLORS = ["red", "green", "blue", "yellow"]
 
@@ -30,13 +30,13 @@ def dp_backend(tmp_path_factory):
     base = int(os.environ.get("SGLPD_TEST_BASE_PORT", 30000)) + 500
     config = SGLangPDConfig(pd_ratio=(1, 1), base_port=base, prefill_args=["--dp-size", "2"])
     with PDCluster(config, log_dir=tmp_path_factory.mktemp("dp-server-logs")) as cluster:
-        backend = cluster.backend()
+        backend = PDBackend(**cluster.urls())
         yield backend
         backend.shutdown()
 
 
 def test_the_adapter_reads_the_dp_layout(dp_backend):
-    prefill = dp_backend.pools["prefill"][0]
+    prefill = dp_backend.client.pools["prefill"][0]
     assert prefill.dp_ranks == 2 and prefill.serving_ranks == (0,)
 
 
@@ -44,13 +44,13 @@ def test_every_request_succeeds_and_a_conversation_hits_its_cache(dp_backend):
     history, previous_prompt = "System: you are a ship's log.\n", 0
     for turn in range(5):
         history += f"User: entry {turn} " + "wind north, sea calm, course steady. " * 8 + "\nAssistant:"
-        answer = dp_backend.request({"text": history, "sampling_params": {"temperature": 0, "max_new_tokens": 3}})
+        answer = dp_backend.client.request({"text": history, "sampling_params": {"temperature": 0, "max_new_tokens": 3}})
         history += answer["text"] + "\n"
         if turn:  # the whole previous turn's prompt was cached on the rank that served it
             assert answer["meta_info"]["cached_tokens"] >= 0.9 * previous_prompt, (turn, answer["meta_info"])
         previous_prompt = answer["meta_info"]["prompt_tokens"]
     for i in range(6):  # distinct prompts: consecutive rooms would put every other one on rank 1
-        answer = dp_backend.request({"text": f"Unrelated prompt number {i}. " * 6,
+        answer = dp_backend.client.request({"text": f"Unrelated prompt number {i}. " * 6,
                                      "sampling_params": {"max_new_tokens": 2}})
         assert answer["meta_info"]["completion_tokens"] == 2
     records = dp_backend.metrics.records()

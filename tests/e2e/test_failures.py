@@ -54,7 +54,7 @@ def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_bac
     batch.start()
     # Kill while the victim holds queued prefill legs, before any of its pairs has
     # finished: waiting for a finished request lets the victim's queue drain first.
-    _wait(lambda: pd_backend.loads().get(victim, 0) >= 8, 60, "requests queued on the victim")
+    _wait(lambda: pd_backend.client.loads().get(victim, 0) >= 8, 60, "requests queued on the victim")
     killed_at = time.monotonic()
     owned.kill("prefill", 0)
     batch.join(timeout=180)
@@ -70,12 +70,12 @@ def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_bac
     assert retried, "the kill hit no request in flight; the test proved nothing"
     assert all(r.prefill != victim and r.error is None for r in retried)
     assert time.monotonic() - killed_at < 90
-    assert pd_backend.health()[victim]["healthy"] is False
+    assert pd_backend.client.health()[victim]["healthy"] is False
 
     owned.restart("prefill", 0)
-    _wait(lambda: pd_backend.health()[victim]["healthy"], 30, "the restarted prefill to rejoin")
+    _wait(lambda: pd_backend.client.health()[victim]["healthy"], 30, "the restarted prefill to rejoin")
     for i in range(4):
-        pd_backend.request({"text": f"Back in rotation? {i} " * 5, "sampling_params": {"max_new_tokens": 2}})
+        pd_backend.client.request({"text": f"Back in rotation? {i} " * 5, "sampling_params": {"max_new_tokens": 2}})
     assert victim in {r.prefill for r in pd_backend.metrics.records()[-4:]}
 
 
@@ -86,14 +86,14 @@ def test_decode_killed_mid_request_fails_fast_and_clearly(owned, pd_backend):
     def long_request() -> None:
         body = {"text": "Write a very long story.", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
         try:
-            outcome["answer"] = pd_backend.request(body)
+            outcome["answer"] = pd_backend.client.request(body)
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
         outcome["done_at"] = time.monotonic()
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    _wait(lambda: pd_backend.loads().get(victim), 30, "the request to reach decode")
+    _wait(lambda: pd_backend.client.loads().get(victim), 30, "the request to reach decode")
     time.sleep(1.0)
     killed_at = time.monotonic()
     owned.kill("decode", 0)
@@ -106,6 +106,6 @@ def test_decode_killed_mid_request_fails_fast_and_clearly(owned, pd_backend):
     assert outcome["done_at"] - killed_at < 15  # configured total timeout is 120 s
 
     owned.restart("decode", 0)
-    _wait(lambda: pd_backend.health()[victim]["healthy"], 30, "the restarted decode to rejoin")
-    answer = pd_backend.request({"text": "Still there?", "sampling_params": {"max_new_tokens": 3}})
+    _wait(lambda: pd_backend.client.health()[victim]["healthy"], 30, "the restarted decode to rejoin")
+    answer = pd_backend.client.request({"text": "Still there?", "sampling_params": {"max_new_tokens": 3}})
     assert answer["meta_info"]["completion_tokens"] == 3

@@ -147,15 +147,15 @@ def test_run_batch_hoists_the_shared_prefix(pd_backend):
 
 def test_flush_cache_empties_every_server(pd_backend):
     text = "Flush me please. " * 40
-    pd_backend.request({"text": text, "sampling_params": {"max_new_tokens": 1}})
-    assert pd_backend.request({"text": text, "sampling_params": {"max_new_tokens": 1}})["meta_info"]["cached_tokens"] > 0
+    pd_backend.client.request({"text": text, "sampling_params": {"max_new_tokens": 1}})
+    assert pd_backend.client.request({"text": text, "sampling_params": {"max_new_tokens": 1}})["meta_info"]["cached_tokens"] > 0
     sgl.flush_cache(backend=pd_backend)
-    assert pd_backend.request({"text": text, "sampling_params": {"max_new_tokens": 1}})["meta_info"]["cached_tokens"] == 0
+    assert pd_backend.client.request({"text": text, "sampling_params": {"max_new_tokens": 1}})["meta_info"]["cached_tokens"] == 0
 
 
 def test_bad_regex_is_refused_before_sending(pd_backend):
     before = len(pd_backend.metrics.records())
     with pytest.raises(BadRequestError, match="regex"):
-        pd_backend.request({"text": "x", "sampling_params": {"max_new_tokens": 4, "regex": "([a-z"}})
+        pd_backend.client.request({"text": "x", "sampling_params": {"max_new_tokens": 4, "regex": "([a-z"}})
     assert len(pd_backend.metrics.records()) == before + 1
     assert pd_backend.metrics.records()[-1].attempts == 0  # refused before any server saw it

@@ -17,7 +17,7 @@ def _open_connections(ports: set[int]) -> int:
 def _round(backend, count: int, concurrency: int, offset: int) -> list[dict]:
     def one(i: int) -> dict:
         body = {"text": f"Request {offset + i}: summarise entry {i % 17}.", "sampling_params": {"max_new_tokens": 2}}
-        return backend.request(body)
+        return backend.client.request(body)
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(one, range(count)))
@@ -37,7 +37,7 @@ def test_1000_requests_at_concurrency_128(pd_backend, cluster):
     assert len(answers) == 1000
     assert all(a["meta_info"]["completion_tokens"] >= 1 for a in answers)
     assert pd_backend.metrics.summary()["errors"] == errors_before
-    assert not pd_backend.loads(), "requests still counted in flight after all answered"
+    assert not pd_backend.client.loads(), "requests still counted in flight after all answered"
     # Steady state: the second round grew nothing per request (a leak would add ~500). Some
     # slack: the health prober starts on a first failure, and the leg pool starts threads
     # lazily up to its bound when a retry raises concurrency for a moment (+4 seen in CI).

@@ -23,7 +23,7 @@ PROMPTS = [
 
 
 def _greedy(backend, text: str, tokens: int = 24) -> dict:
-    return backend.request({"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": tokens}})
+    return backend.client.request({"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": tokens}})
 
 
 def test_pd_output_equals_colocated_token_for_token(pd_backend, colocated_backend):
@@ -59,14 +59,14 @@ def test_streamed_chunks_concatenate_to_the_full_text(pd_backend):
 def test_native_stream_ends_with_the_non_streamed_answer(any_backend):
     body = {"text": "The lighthouse keeper wrote",
             "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}}
-    whole = any_backend.request(body)
-    events = list(any_backend.request_stream(body))
+    whole = any_backend.client.request(body)
+    events = list(any_backend.client.request_stream(body))
     assert len(events) > 1, "the answer arrived in one piece: not streamed"
     texts = [e["text"] for e in events]
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # cumulative, like SGLang
     assert texts[-1] == whole["text"]
     assert events[-1]["meta_info"]["completion_tokens"] == whole["meta_info"]["completion_tokens"] == 16
-    assert not any_backend.loads()
+    assert not any_backend.client.loads()
 
 
 def test_run_batch_of_16(pd_backend):
@@ -90,7 +90,7 @@ def test_shared_prefix_hits_the_prefill_cache(pd_backend):
 def test_bad_sampling_parameter_raises_the_servers_message(pd_backend):
     started = time.monotonic()
     with pytest.raises(BadRequestError) as caught:
-        pd_backend.request({"text": "hello", "sampling_params": {"max_new_tokens": 4, "not_a_param": 1}})
+        pd_backend.client.request({"text": "hello", "sampling_params": {"max_new_tokens": 4, "not_a_param": 1}})
     assert "not_a_param" in str(caught.value)
     assert caught.value.status == 400
     assert time.monotonic() - started < 10

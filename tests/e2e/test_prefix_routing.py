@@ -25,10 +25,10 @@ def _settled(backend, timeout: float = 30.0) -> None:
     """Both prefill servers in rotation and nothing in flight: the state this test routes from."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(state["healthy"] for state in backend.health().values()) and not backend.loads():
+        if all(state["healthy"] for state in backend.client.health().values()) and not backend.client.loads():
             return
         time.sleep(0.2)
-    raise AssertionError(f"the adapter did not settle: health {backend.health()}, loads {backend.loads()}")
+    raise AssertionError(f"the adapter did not settle: health {backend.client.health()}, loads {backend.client.loads()}")
 
 
 def test_prefix_groups_stay_on_their_prefill_server(pd_backend):
@@ -54,7 +54,7 @@ def test_prefix_groups_stay_on_their_prefill_server(pd_backend):
         assert {r.prefill for r in gens} == {warm[0].prefill}
         placements[topic], reasons[topic] = warm[0].prefill, warm[0].route_reason
     # The second group went to the other, emptier prefill server.
-    assert placements["orchard"] != placements["harbour"], (reasons, pd_backend.health())
+    assert placements["orchard"] != placements["harbour"], (reasons, pd_backend.client.health())
 
 
 def test_whole_conversation_routing_follows_the_history(pd_backend):
@@ -63,7 +63,7 @@ def test_whole_conversation_routing_follows_the_history(pd_backend):
     servers = []
     for turn in range(4):
         history += f"User: entry {turn} " + "wind north, sea calm, course steady. " * 12 + "\nAssistant:"
-        answer = pd_backend.request({"text": history, "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
+        answer = pd_backend.client.request({"text": history, "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
         history += answer["text"] + "\n"
         record = pd_backend.metrics.records()[-1]
         servers.append(record.prefill)
@@ -78,9 +78,9 @@ def test_conditional_disaggregation_sends_short_prompts_to_the_colocated_server(
     backend = PDBackend(prefill=cluster.prefill_urls, decode=cluster.decode_urls, colocated=cluster.colocated_urls,
                         colocated_below_tokens=64)
     try:
-        short = backend.request({"text": "Hi there", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        short = backend.client.request({"text": "Hi there", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
         long_text = "A long report line about the harbour tides and the ships. " * 30
-        long = backend.request({"text": long_text, "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        long = backend.client.request({"text": long_text, "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
         modes = [(r.mode, r.colocated, r.prefill) for r in backend.metrics.records()]
         assert modes[0] == ("colocated", cluster.colocated_urls[0], None)
         assert modes[1][0] == "pd" and modes[1][2] in cluster.prefill_urls
