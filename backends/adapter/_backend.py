@@ -37,6 +37,11 @@ from backends.errors import BadRequestError, ConfigurationError
 
 __all__ = ["PDBackend"]
 
+#: Per-token lists SGLang's frontend expects one chunk's worth of in each streamed meta_info
+#: (``_INCREMENTAL_STREAMING_META_INFO_KEYS`` in ``sglang/lang/interpreter.py``, which concatenates
+#: them across chunks); the server sends them cumulative.
+_PER_CHUNK_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
+
 
 class PDBackend(BaseBackend):
     """Runs SGLang programs on pools of prefill, decode and colocated servers.
@@ -101,11 +106,12 @@ class PDBackend(BaseBackend):
         first chunk, then a break raises ``StreamInterruptedError``.
         """
         body = {"text": s.text_, **sampling_body(sampling_params), "stream": True}
-        sent = 0
+        sent: dict[str, int] = {}
         for event in self.client.stream("gen_stream", body, program=s.sid):
             text = event.get("text", "")
-            delta, sent = text[sent:], len(text)
-            yield delta, event.get("meta_info", {})
+            delta = text[sent.get("text", 0):]
+            sent["text"] = len(text)
+            yield delta, _new_logprobs(event.get("meta_info", {}), sent)
 
     def select(self, s: Any, choices: list[str], temperature: float,
                choices_method: ChoicesSamplingMethod | None = None) -> ChoicesDecision:
@@ -193,3 +199,13 @@ class PDBackend(BaseBackend):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _new_logprobs(meta: dict, sent: dict[str, int]) -> dict:
+    """``meta`` with each per-token list cut to the entries not yet sent (``sent`` is updated)."""
+    meta = dict(meta)
+    for key in _PER_CHUNK_KEYS:
+        if isinstance(meta.get(key), list):
+            full = meta[key]
+            meta[key], sent[key] = full[sent.get(key, 0):], len(full)
+    return meta

@@ -134,10 +134,12 @@ class Dispatcher:
             response = self.transport.request(
                 "POST", f"{server}/generate", json_body=body, timeouts=self.timeouts, deadline=deadline
             )
+            if not response.ok:
+                raise error_for(response)
+        except PDError as exc:
+            raise _named(exc, server)
         finally:
             track(server, rids, False)
-        if not response.ok:
-            raise error_for(response)
         return LegOutcome(response.body, time.monotonic() - started)
 
     def _stream_leg(self, server: str, body: dict, deadline: float, track: Track) -> Iterator[dict]:
@@ -146,6 +148,8 @@ class Dispatcher:
         try:
             yield from self.transport.stream(f"{server}/generate", json_body=body, timeouts=self.timeouts,
                                              deadline=deadline)
+        except PDError as exc:
+            raise _named(exc, server)
         finally:
             track(server, rids, False)
 
@@ -227,6 +231,12 @@ class Dispatcher:
     def close(self) -> None:
         self._pool.shutdown(wait=False)  # a queued prefill leg must still run: its decode leg is already sent
         self._follow_up.close()
+
+
+def _named(error: PDError, server: str) -> PDError:
+    """The error naming the server as the pool knows it (its base URL), whatever endpoint failed."""
+    error.server = server
+    return error
 
 
 def _failed(future: Future) -> bool:

@@ -85,12 +85,19 @@ class HealthTracker:
 
     def record_success(self, url: str) -> None:
         with self._lock:
-            self._state[url].consecutive_failures = 0
+            if url in self._state:
+                self._state[url].consecutive_failures = 0
 
     def record_failure(self, url: str, error: str, *, unreachable: bool = False) -> None:
-        """Count a failure; take the server out if it is unreachable or over the threshold."""
+        """Count a failure; take the server out if it is unreachable or over the threshold.
+
+        A URL this tracker does not know (not one of its servers) is logged and ignored.
+        """
         with self._lock:
-            state = self._state[url]
+            state = self._state.get(url)
+            if state is None:
+                logger.warning("failure of unknown server %s not counted: %s", url, error)
+                return
             state.consecutive_failures += 1
             state.last_error = error
             if state.healthy and (unreachable or state.consecutive_failures >= self._threshold):

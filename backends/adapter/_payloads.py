@@ -59,20 +59,30 @@ def check_sampling(body: dict[str, Any]) -> None:
     """Refuse, before any server sees it, what no server can serve.
 
     The servers validate too; checking here saves a round trip to two servers
-    and gives the message in the caller's terms.
+    and gives the message in the caller's terms. ``sampling_params`` is a dict,
+    or (for a batch) a list of one dict per item, as SGLang's ``/generate`` takes it.
+
+    Raises
+    ------
+    BadRequestError
+        Naming the item and field.
     """
     params = body.get("sampling_params") or {}
-    if not isinstance(params, dict):
-        raise BadRequestError(f"sampling_params must be a dict, got {type(params).__name__}")
-    regex = params.get("regex")
-    if regex is not None:
-        try:
-            re.compile(regex)
-        except re.error as exc:
-            raise BadRequestError(f"regex {regex!r} does not compile: {exc}") from None
-    limit = params.get("max_new_tokens")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise BadRequestError(f"max_new_tokens must be a non-negative integer, got {limit!r}")
+    items = params if isinstance(params, list) else [params]
+    for i, item in enumerate(items):
+        where = f"sampling_params[{i}]" if isinstance(params, list) else "sampling_params"
+        if not isinstance(item, dict):
+            raise BadRequestError(f"{where} must be a dict (or a list of dicts, one per batch item), "
+                                  f"got {type(item).__name__}")
+        regex = item.get("regex")
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise BadRequestError(f"{where}: regex {regex!r} does not compile: {exc}") from None
+        limit = item.get("max_new_tokens")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise BadRequestError(f"{where}: max_new_tokens must be a non-negative integer, got {limit!r}")
 
 
 def batch_size(body: dict[str, Any]) -> int | None:

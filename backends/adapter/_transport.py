@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
+from urllib.parse import urlsplit
+
 import httpx
 
 from backends.errors import BadRequestError, RequestTimeoutError, ServerUnavailableError
 
-__all__ = ["Timeouts", "Response", "Transport", "parse_sse_line", "raise_for_stream_event", "HttpxTransport", "error_for"]
+__all__ = ["Timeouts", "Response", "Transport", "origin", "parse_sse_line", "raise_for_stream_event", "HttpxTransport", "error_for"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def origin(url: str) -> str:
+    """``scheme://host:port`` of an endpoint URL: how errors name the server (never the endpoint)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def parse_sse_line(line: str) -> dict | None:
     """One SSE line to its JSON event; ``None`` for blank lines, comments and ``[DONE]``."""
     if not line.startswith("data:"):
@@ -99,8 +107,8 @@ def raise_for_stream_event(event: dict, url: str) -> None:
         code = error.get("code") if isinstance(error, dict) else None
         if isinstance(code, int) and 400 <= code < 500 and code not in (408, 429):
             # e.g. a prompt longer than the context: the request's fault, like an HTTP 4xx
-            raise BadRequestError(f"{url} refused the request mid-stream: {message}", server=url, status=code)
-        raise ServerUnavailableError(f"{url} reported an error mid-stream: {message}", server=url)
+            raise BadRequestError(f"{url} refused the request mid-stream: {message}", server=origin(url), status=code)
+        raise ServerUnavailableError(f"{url} reported an error mid-stream: {message}", server=origin(url))
 
 
 def _remaining(deadline: float | None, fallback: float) -> float:
@@ -119,8 +127,8 @@ def _transport_error(url: str, exc: httpx.TransportError | OSError) -> ServerUna
     error mapping, so EBADF escapes raw) is a broken connection too.
     """
     if isinstance(exc, httpx.ConnectError):
-        return ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=url, unreachable=True)
-    return ServerUnavailableError(f"connection to {url} broke: {exc!r}", server=url)
+        return ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=origin(url), unreachable=True)
+    return ServerUnavailableError(f"connection to {url} broke: {exc!r}", server=origin(url))
 
 
 def _decode(response: httpx.Response) -> Any:
@@ -160,7 +168,7 @@ class HttpxTransport:
         try:
             answer = self._client.request(method, url, json=json_body, timeout=self._timeout(timeouts, read))
         except httpx.TimeoutException as exc:
-            raise RequestTimeoutError(f"{url} did not answer in time ({type(exc).__name__})", server=url) from exc
+            raise RequestTimeoutError(f"{url} did not answer in time ({type(exc).__name__})", server=origin(url)) from exc
         except (httpx.TransportError, OSError) as exc:
             raise _transport_error(url, exc) from exc
         return Response(answer.status_code, _decode(answer), url)
@@ -179,9 +187,9 @@ class HttpxTransport:
                     raise_for_stream_event(event, url)
                     yield event
                     if deadline is not None and time.monotonic() > deadline:
-                        raise RequestTimeoutError(f"{url}: stream exceeded its total timeout", server=url)
+                        raise RequestTimeoutError(f"{url}: stream exceeded its total timeout", server=origin(url))
         except httpx.TimeoutException as exc:
-            raise RequestTimeoutError(f"{url} went silent mid-stream ({type(exc).__name__})", server=url) from exc
+            raise RequestTimeoutError(f"{url} went silent mid-stream ({type(exc).__name__})", server=origin(url)) from exc
         except (httpx.TransportError, OSError) as exc:
             raise _transport_error(url, exc) from exc
 
@@ -193,5 +201,5 @@ def error_for(response: Response) -> Exception:
     """Map an HTTP error answer to the exception tree: 4xx is the caller's fault, 5xx/408/429 the server's."""
     message = f"{response.url} answered HTTP {response.status}: {response.error_message()}"
     if response.status in (408, 429) or response.status >= 500:
-        return ServerUnavailableError(message, server=response.url, status=response.status)
-    return BadRequestError(message + " (fix the request; it was not retried)", server=response.url, status=response.status)
+        return ServerUnavailableError(message, server=origin(response.url), status=response.status)
+    return BadRequestError(message + " (fix the request; it was not retried)", server=origin(response.url), status=response.status)

@@ -19,7 +19,7 @@ import threading
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
-from backends.adapter._transport import Response, Timeouts, error_for, raise_for_stream_event
+from backends.adapter._transport import Response, Timeouts, error_for, origin, raise_for_stream_event
 from backends.errors import ServerUnavailableError
 
 __all__ = ["Handler", "InMemoryTransport"]
@@ -40,16 +40,16 @@ class InMemoryTransport:
 
     def _dispatch(self, method: str, url: str, json_body: Any) -> tuple[str, int, Any]:
         parts = urlsplit(url)
-        base = f"{parts.scheme}://{parts.netloc}"
+        base = origin(url)
         with self._lock:
             self.calls.append((method, url, json_body))
         handler = self.servers.get(base)
         if handler is None:
-            raise ServerUnavailableError(f"cannot reach {url}: nothing listening", server=url, unreachable=True)
+            raise ServerUnavailableError(f"cannot reach {url}: nothing listening", server=base, unreachable=True)
         try:
             status, body = handler(method, parts.path, json_body)
         except ConnectionError as exc:
-            raise ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=url, unreachable=True) from exc
+            raise ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=base, unreachable=True) from exc
         return base, status, body
 
     def request(
@@ -59,12 +59,12 @@ class InMemoryTransport:
         return Response(status, body, url)
 
     def stream(self, url: str, *, json_body: Any, timeouts: Timeouts, deadline: float | None = None) -> Iterator[dict]:
-        _, status, body = self._dispatch("POST", url, json_body)
+        base, status, body = self._dispatch("POST", url, json_body)
         if status != 200:
             raise error_for(Response(status, body, url))
         for event in body:
             if isinstance(event, BaseException):
-                raise ServerUnavailableError(f"stream from {url} broke: {event!r}", server=url, unreachable=True) from event
+                raise ServerUnavailableError(f"stream from {url} broke: {event!r}", server=base, unreachable=True) from event
             raise_for_stream_event(event, url)
             yield event
 
