@@ -5,7 +5,10 @@ Example::
     python -m recipes.launch_pd --pd-ratio 1:1 --colocated 1 --base-port 31000
 
 Prints each server's role, URL, bootstrap port and log file, then waits.
-Ctrl-C (or SIGTERM) stops every server, including SGLang's child processes.
+A server that exits (or whose SGLang transfer thread dies) is restarted on
+the same ports while the others keep serving, and each restart is printed;
+``--no-supervise`` instead stops everything when one server exits. Ctrl-C
+(or SIGTERM) stops every server, including SGLang's child processes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-dir", help="folder for server logs (default: a new temp folder)")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds for all servers to become healthy (default 300)")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="do not restart a server that exits; stop every server instead")
     return p.parse_args(argv)
 
 
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cluster = PDCluster(build_config(args), log_dir=args.log_dir,
-                            startup_timeout=args.startup_timeout)
+                            startup_timeout=args.startup_timeout, supervise=not args.no_supervise)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 boot = s.bootstrap_port if s.bootstrap_port is not None else "-"
                 print(f"  {s.name:<12} {s.url:<24} bootstrap={boot:<6} log={cluster.log_path(s)}")
             print("Press Ctrl-C to stop.", flush=True)
+            if not args.no_supervise:
+                return serve_supervised(cluster)
             while not cluster.exited():
                 time.sleep(2.0)
             print(f"error: server(s) exited: {cluster.exited()}; see the logs above.",
@@ -84,6 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nStopped all servers.")
         return 130
+
+
+def serve_supervised(cluster: PDCluster, poll: float = 1.0) -> int:
+    """Print each restart as the cluster reports it; return 1 once every server is down for good."""
+    seen = 0
+    while True:
+        events = cluster.restarts()
+        for event in events[seen:]:
+            print(f"[supervisor] {event}; log={cluster.log_path(event.server)}", flush=True)
+        seen = len(events)
+        # Nothing here calls restart(), so a server given up on stays down.
+        down = {e.server for e in events if e.outcome == "gave up"}
+        if len(down) == len(cluster.servers):
+            print("error: every server is down after its restarts; see the logs above.", file=sys.stderr)
+            return 1
+        time.sleep(poll)
 
 
 if __name__ == "__main__":

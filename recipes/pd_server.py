@@ -9,7 +9,9 @@ Examples::
 With ``--demo``: the workload and printing of :mod:`recipes.pd_demo` (one
 request, a batch of 8, a stream; per-request ``[Prefill]``/``[Decode]`` lines
 and ``BENCHMARK SUMMARY``), then every server stops. Without it: the servers
-stay up until Ctrl-C, exactly as :mod:`recipes.launch_pd`.
+stay up until Ctrl-C, exactly as :mod:`recipes.launch_pd`: a server that exits
+is restarted (each restart printed) unless ``--no-supervise`` is given, which
+stops every server when one exits.
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true", help="run the demo workload, report, and stop")
     p.add_argument("--max-tokens", type=int, default=32, help="with --demo: tokens per generation (default 32)")
     p.add_argument("--json", metavar="FILE", help="with --demo: also write the report as JSON")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="without --demo: do not restart a server that exits; stop every server instead")
     args = p.parse_args(argv)
     if not args.demo and args.json:
         p.error("--json needs --demo (there is no report without the demo)")
+    if args.demo and args.no_supervise:
+        p.error("--no-supervise applies to serving (without --demo); the demo stops its servers itself")
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
     return args
@@ -64,7 +70,8 @@ def _launch_pd_argv(args: argparse.Namespace) -> list[str]:
     options = {"--model": args.model, "--pd-ratio": args.pd_ratio, "--preset": args.preset,
                "--mem-fraction": args.mem_fraction, "--tp": args.tp, "--base-port": args.base_port,
                "--device": args.device, "--log-dir": args.log_dir}
-    return [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
+    argv = [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
+    return argv + (["--no-supervise"] if args.no_supervise else [])
 
 
 if __name__ == "__main__":

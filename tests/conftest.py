@@ -105,8 +105,8 @@ def _restart_servers_sglang_declared_dead(request):
     if "cluster" not in request.fixturenames:
         return
     cluster = request.getfixturevalue("cluster")
-    if getattr(cluster, "reused", True):
-        return
+    if getattr(cluster, "reused", True) or getattr(cluster, "supervise", False):
+        return  # a supervising cluster restarts such a server itself
     seen = cluster.__dict__.setdefault("_log_offsets", {})
     for spec in cluster.servers:
         path = cluster.log_path(spec)

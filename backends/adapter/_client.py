@@ -10,6 +10,8 @@ language on top of one.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from backends.adapter._dispatch import Dispatcher
@@ -18,6 +20,7 @@ from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
 from backends.adapter._metrics import Metrics
 from backends.adapter._payloads import check_sampling
+from backends.adapter._poison import ServerLimits, check_generate_body
 from backends.adapter._policies import CacheAware, LeastLoaded, LoadGuard, Policy
 from backends.adapter._prefix_index import PrefixIndex
 from backends.adapter._retry import RetryPolicy
@@ -107,6 +110,9 @@ class PDClient:
             self._transport.close()
             raise
         self.model_path = next(s.model_path for servers in self.pools.values() for s in servers)
+        self._limits = ServerLimits(vocab_size=_vocab_size(self.model_path),
+                                    disaggregation_mode="prefill" if self.pools["prefill"] else "null",
+                                    dp_size=max((s.dp_ranks for s in self.pools["prefill"]), default=1))
         self.metrics = Metrics(registry=metrics_registry)
         self._inflight = InFlight()
         self._health = HealthTracker(
@@ -220,10 +226,9 @@ class PDClient:
         return {**body, "sampling_params": params}
 
     def _check(self, body: dict) -> None:
+        """Refuse what no server can serve, and what SGLang accepts but cannot survive (:mod:`._poison`)."""
         check_sampling(body)
-        items = body["sampling_params"] if isinstance(body["sampling_params"], list) else [body["sampling_params"]]
-        if self.pools["prefill"] and any(p.get("n", 1) not in (None, 1) for p in items if isinstance(p, dict)):
-            raise BadRequestError("n > 1 is not supported through PD; use s.fork(n) or run_batch instead")
+        check_generate_body(body, self._limits)
 
     # ----- servers --------------------------------------------------------------
 
@@ -282,3 +287,14 @@ class PDClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _vocab_size(model_path: str) -> int | None:
+    """The model's vocabulary from its local ``config.json``; ``None`` (checks that need it skipped) otherwise."""
+    try:
+        with open(Path(model_path) / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return int(size) if isinstance(size, int) else None

@@ -16,6 +16,7 @@ prefill died is a prefill failure, and a 4xx from either leg is the caller's.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -41,6 +42,12 @@ from backends.errors import (
 __all__ = ["Dispatcher", "Exchange", "LegOutcome", "new_rid"]
 
 logger = logging.getLogger(__name__)
+
+#: How SGLang 0.5.23's decode server reports a hand-off that failed on the prefill's side
+#: (``srt/disaggregation/decode.py``: "Decode handshake failed ...", ``common/conn.py``:
+#: ``KVTransferError``, "Lost connection with prefill instance", "Prefill bootstrap failed").
+_PEER_FAILURE = re.compile(r"Decode handshake failed|KVTransferError|Lost connection with prefill|"
+                           r"Prefill bootstrap failed", re.IGNORECASE)
 
 
 def _untracked(server: str, rids: list[str], started: bool) -> None:
@@ -256,11 +263,19 @@ def _root_cause(target: PairTarget, prefill_future: Future, decode_error: BaseEx
 
     A 4xx is the caller's whatever else happened. Otherwise the leg that failed
     first is to blame: a prefill leg already failed when decode's did means
-    decode was aborted because of it (or lost its peer); anything else is
-    decode's own failure, and prefill is merely aborted.
+    decode was aborted because of it (or lost its peer). A decode leg that
+    reports its KV hand-off from the prefill failed (a frozen or dead prefill:
+    the handshake, the transfer, the bootstrap or the peer connection) blames
+    the prefill too, so a healthy decode server stays in rotation and the
+    retry avoids the prefill. Anything else is decode's own failure, and
+    prefill is merely aborted.
     """
     if isinstance(decode_error, BadRequestError):
         return decode_error
     if prefill_future.done() and not prefill_future.cancelled() and prefill_future.exception() is not None:
         return _as_leg_error(prefill_future.exception(), target.prefill, PrefillFailedError)
+    if isinstance(decode_error, ServerUnavailableError) and _PEER_FAILURE.search(str(decode_error)):
+        return PrefillFailedError(
+            f"decode server {target.decode} could not receive the KV cache from prefill {target.prefill}: "
+            f"{decode_error}", server=target.prefill, status=decode_error.status)
     return _as_leg_error(decode_error, target.decode, DecodeFailedError)

@@ -37,6 +37,8 @@ from backends.errors import (
 
 __all__ = ["Delivered", "Engine"]
 
+_NOTHING = object()
+
 
 @dataclass
 class Delivered:
@@ -137,11 +139,10 @@ class Engine:
                     exchange = self.dispatcher.pair(route.target, body, room, track, stream=stream)
                 else:
                     exchange = self.dispatcher.single(route.colocated.url, body, track, stream=stream)
-                first = next(exchange.events)
-            except StopIteration:
-                load.close()
-                raise ServerUnavailableError(f"{route.servers[-1]} ended the stream before any text",
-                                             server=route.servers[-1]) from None
+                first = next(exchange.events, _NOTHING)
+                if first is _NOTHING:
+                    raise ServerUnavailableError(f"{route.servers[-1]} ended the stream before any text",
+                                                 server=route.servers[-1])
             except PDError as exc:
                 load.close()
                 self._blame(exc, avoid, record)

@@ -84,7 +84,7 @@ class Metrics:
             self._records.append(record)
             self._counts["requests"] += 1
             self._counts["errors"] += record.error is not None
-            self._counts["retries"] += record.attempts - 1
+            self._counts["retries"] += max(record.attempts - 1, 0)  # 0 attempts: refused before sending
             self._counts["prompt_tokens"] += record.prompt_tokens
             self._counts["cached_tokens"] += record.cached_tokens
             self._counts["completion_tokens"] += record.completion_tokens
@@ -139,7 +139,7 @@ class _PrometheusMirror:
 
     def observe(self, record: RequestRecord) -> None:
         self.requests.labels(record.mode, "error" if record.error else "ok").inc()
-        self.retries.inc(record.attempts - 1)
+        self.retries.inc(max(record.attempts - 1, 0))
         self.tokens.labels("prompt").inc(record.prompt_tokens)
         self.tokens.labels("cached").inc(record.cached_tokens)
         self.tokens.labels("completion").inc(record.completion_tokens)

@@ -49,7 +49,9 @@ def healed_logprobs(prompt: str, scored: list[dict]) -> tuple[list[list[Entry]],
     for i, logprobs in enumerate(input_logprobs):
         # Token healing: drop the boundary token when the prompt already ended with it.
         if len(logprobs) > 1 and prompt.endswith(logprobs[0][-1]):
-            normalized[i] = (normalized[i] * len(logprobs) - (logprobs[0][0] or 0.0)) / (len(logprobs) - 1)
+            # The mean of what remains (SGLang rescales the mean instead, which is biased when the
+            # dropped first entry is the None SGLang 0.5.23 returns there).
+            normalized[i] = compute_normalized_prompt_logprobs(logprobs[1:])
             input_logprobs[i] = logprobs[1:]
     return [_filled(lps) for lps in input_logprobs], normalized
 

@@ -140,7 +140,7 @@ def discover_pools(transport: Transport, given: dict[str, Sequence[str] | str | 
         missing = "decode" if urls["prefill"] else "prefill"
         raise ConfigurationError(f"PD needs both prefill and decode servers; no {missing} server was given")
     if not any(urls.values()):
-        raise ConfigurationError("give servers: prefill=[...] and decode=[...], and/or colocated=[...]")
+        raise ConfigurationError("PDClient needs servers: give prefill=[...] and decode=[...], and/or colocated=[...]")
     every = [u for role_urls in urls.values() for u in role_urls]
     duplicates = sorted({u for u in every if every.count(u) > 1})
     if duplicates:

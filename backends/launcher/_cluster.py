@@ -10,6 +10,8 @@ reaches only this process, which then stops the servers in order. Stopping
 runs on ``stop()``, context exit, exceptions during start-up, ``atexit`` and
 SIGINT/SIGTERM (handlers chain to the previous ones); a small reaper process
 (:mod:`backends.launcher._reaper`) covers the launcher dying by SIGKILL.
+A supervisor thread (:mod:`backends.launcher._supervisor`) restarts servers
+that exit or whose transfer thread dies; ``kill()`` leaves them dead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from backends.launcher import _process
 from backends.launcher._config import SGLangPDConfig
 from backends.launcher._launch_plan import ServerSpec, plan_servers
 from backends.launcher._process import ManagedProcess
+from backends.launcher._supervisor import Gate, RestartEvent, Supervisor
 from backends.launcher._tiny_model import ensure_tiny_model
 
 __all__ = ["PDCluster"]
@@ -51,6 +54,10 @@ class PDCluster:
         Seconds for all servers to answer ``GET /health`` with 200.
     stop_timeout : float
         Seconds between SIGTERM and SIGKILL when stopping.
+    supervise : bool
+        Restart a server that exits or logs SGLang's transfer-thread death (see :meth:`restarts`).
+    max_restarts : int
+        Attempts per server within 10 minutes (after 1, 2, 4 ... s); then it stays down.
 
     Raises
     ------
@@ -59,11 +66,15 @@ class PDCluster:
     """
 
     def __init__(self, config: SGLangPDConfig | None = None, log_dir=None,
-                 startup_timeout: float = 300.0, stop_timeout: float = 15.0) -> None:
+                 startup_timeout: float = 300.0, stop_timeout: float = 15.0,
+                 supervise: bool = True, max_restarts: int = 3) -> None:
         for name, value in (("startup_timeout", startup_timeout),
                             ("stop_timeout", stop_timeout)):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}.")
+        if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
+            raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}.")
+        self.supervise, self.max_restarts = bool(supervise), max_restarts
         self.config = config if config is not None else SGLangPDConfig()
         self.startup_timeout = float(startup_timeout)
         self.stop_timeout = float(stop_timeout)
@@ -75,6 +86,9 @@ class PDCluster:
         self._prev_handlers: dict[int, object] = {}
         self._stopping = False
         self._deferred_signal: int | None = None
+        self._gate = Gate([s.name for s in self._specs])  # shared with the supervisor thread
+        self._supervisor: Supervisor | None = None
+        self._reaper_lock = threading.Lock()  # both threads write to the reaper's pipe
 
     # ----- addresses ---------------------------------------------------------------
     @property
@@ -120,8 +134,17 @@ class PDCluster:
 
     def exited(self) -> dict[str, int]:
         """Servers whose main process has exited, by name, with exit codes."""
-        codes = {name: proc.exit_code() for name, proc in self._procs.items()}
+        codes = {name: proc.exit_code() for name, proc in list(self._procs.items())}  # list(): other threads
         return {name: code for name, code in codes.items() if code is not None}
+
+    def pid(self, role: str, index: int) -> int | None:
+        """Pid (also the process group id) of a server's main process; ``None`` once stopped."""
+        proc = self._procs.get(self.spec(role, index).name)
+        return proc.pid if proc is not None else None
+
+    def restarts(self) -> list[RestartEvent]:
+        """The supervisor's restart attempts since the last ``start()``, oldest first."""
+        return self._supervisor.events() if self._supervisor is not None else []
 
     def urls(self) -> dict[str, list[str]]:
         """Server URLs by role, as the adapter takes them: ``PDBackend(**cluster.urls())``."""
@@ -159,14 +182,18 @@ class PDCluster:
         except BaseException:
             self.stop()
             raise
+        self._supervisor = Supervisor(self, self._gate, self.max_restarts).start() if self.supervise else None
         return self
 
     def stop(self) -> None:
-        """Stop every server (SIGTERM, then SIGKILL after ``stop_timeout``). Idempotent."""
+        """Stop the supervisor, then every server (SIGTERM, SIGKILL after ``stop_timeout``). Idempotent."""
         if self._stopping:
             return
         self._stopping = True
+        self._gate.closing.set()  # a restart in progress ends at its next step and stops what it started
         try:
+            if self._supervisor is not None:
+                self._supervisor.stop(2 * self.stop_timeout + 60.0)  # > one restart's stop + ports + stop
             pids = [proc.pid for proc in self._procs.values()]
             _process.stop_all(list(self._procs.values()), self.stop_timeout)
             for pid in pids:
@@ -178,6 +205,7 @@ class PDCluster:
                 self._reaper = None
         finally:
             self._remove_exit_hooks()
+            self._gate.reset()  # nothing held, not closing: ready for start()
             self._stopping = False
         if self._deferred_signal is not None:
             signum, self._deferred_signal = self._deferred_signal, None
@@ -187,7 +215,9 @@ class PDCluster:
     def kill(self, role: str, index: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a server's whole process group (fault injection).
 
-        For SIGKILL/SIGTERM, waits until every process of the group is gone.
+        For SIGKILL/SIGTERM, waits until every process of the group is gone. The
+        supervisor leaves it down until :meth:`restart` (SIGSTOP/SIGTSTP/SIGCONT aside);
+        to fake a crash it restarts, signal :meth:`pid` yourself.
 
         Raises
         ------
@@ -195,39 +225,48 @@ class PDCluster:
             The server is not running.
         """
         spec = self.spec(role, index)
-        proc = self._procs.get(spec.name)
-        if proc is None:
-            raise ClusterStartError(f"{spec.name} is not running; start() or restart() it first.")
-        proc.signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            self._tell_reaper(f"-{proc.pid}")
-            proc.stop(self.stop_timeout)
+        with self._gate.lock(spec.name):  # the supervisor cannot be between its checks and a restart
+            proc = self._procs.get(spec.name)
+            if proc is None:
+                raise ClusterStartError(f"{spec.name} is not running; start() or restart() it first.")
+            if sig not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGCONT):  # a pause is not "down"
+                self._gate.held.add(spec.name)
+            proc.signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                self._stop_one(proc)
 
     def restart(self, role: str, index: int) -> None:
         """Restart one server on the same ports (its log appended) and wait until it is healthy.
 
+        Also the supervisor's restart path, and the way back after ``kill()`` or exhausted restarts.
+
         Raises
         ------
         ClusterStartError
-            Its ports stayed taken, or it exited or stayed unhealthy (it is stopped again).
+            Its ports stayed taken, or it exited or stayed unhealthy (it is
+            stopped again, and the supervisor leaves it down).
         """
         spec = self.spec(role, index)
-        old = self._procs.pop(spec.name, None)
-        if old is not None:
-            self._tell_reaper(f"-{old.pid}")
-            old.stop(self.stop_timeout)
-        _process.wait_ports_free(spec, 30.0, ClusterStartError)
-        self._launch(spec, append=True)
-        try:
-            self._wait_healthy([spec])
-        except BaseException:
-            failed = self._procs.pop(spec.name)
-            self._tell_reaper(f"-{failed.pid}")
-            failed.stop(self.stop_timeout)
-            raise
+        with self._gate.lock(spec.name):
+            self._gate.held.discard(spec.name)
+            old = self._procs.pop(spec.name, None)
+            if old is not None:
+                self._stop_one(old)
+            try:
+                _process.wait_ports_free(spec, 30.0, ClusterStartError)
+                self._launch(spec, append=True)
+                self._wait_healthy([spec])
+            except BaseException:
+                self._gate.held.add(spec.name)
+                failed = self._procs.pop(spec.name, None)
+                if failed is not None:
+                    self._stop_one(failed)
+                raise
 
     # ----- internals -------------------------------------------------------------------
     def _launch(self, spec: ServerSpec, append: bool = False) -> None:
+        if self._gate.closing.is_set():  # stop() has begun: start nothing it could miss
+            raise ClusterStartError(f"{spec.name} not launched: the cluster is stopping.")
         if self._reaper is None:
             self._reaper = subprocess.Popen(
                 [sys.executable, str(_REAPER), str(self.stop_timeout)],
@@ -237,13 +276,19 @@ class PDCluster:
         self._procs[spec.name] = proc
         self._tell_reaper(f"+{proc.pid}")
 
+    def _stop_one(self, proc: ManagedProcess) -> None:
+        pid = proc.pid
+        proc.stop(self.stop_timeout)
+        self._tell_reaper(f"-{pid}")  # only once gone: the reaper still covers a launcher killed meanwhile
+
     def _tell_reaper(self, line: str) -> None:
-        if self._reaper is not None and self._reaper.stdin and not self._reaper.stdin.closed:
-            try:
-                self._reaper.stdin.write(line + "\n")
-                self._reaper.stdin.flush()
-            except (BrokenPipeError, OSError):
-                pass
+        with self._reaper_lock:
+            if self._reaper is not None and self._reaper.stdin and not self._reaper.stdin.closed:
+                try:
+                    self._reaper.stdin.write(line + "\n")
+                    self._reaper.stdin.flush()
+                except (BrokenPipeError, OSError):
+                    pass
 
     def _wait_healthy(self, specs: list[ServerSpec]) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -252,7 +297,10 @@ class PDCluster:
         with httpx.Client(timeout=timeout, trust_env=False) as client:
             while pending:
                 for spec in list(pending):
-                    code = self._procs[spec.name].exit_code()
+                    proc = self._procs.get(spec.name)
+                    if self._gate.closing.is_set() or proc is None or proc.pid is None:
+                        raise ClusterStartError(f"{spec.name} was stopped while starting.")
+                    code = proc.exit_code()
                     if code is not None:
                         raise self._start_error(spec, f"exited with code {code} during start-up")
                     if _process.is_healthy(client, spec.url):
@@ -262,7 +310,7 @@ class PDCluster:
                         pending[0], f"not healthy after {self.startup_timeout:.0f} s "
                         f"(still waiting for {[s.name for s in pending]})")
                 if pending:
-                    time.sleep(1.0)
+                    self._gate.closing.wait(1.0)  # stop() ends the wait at once
 
     def _start_error(self, spec: ServerSpec, what: str) -> ClusterStartError:
         path = self.log_path(spec)

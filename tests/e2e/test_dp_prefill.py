@@ -7,7 +7,7 @@ than 0, so rooms chosen without regard to ranks (consecutive or random, as
 sglang-router's) fail about half the requests. The adapter sees the server's
 DP layout and sends it rank-0 rooms only, a ``select``'s items included (room
 stride = dp_size). Rank choice among several serving ranks (DP attention,
-GPU-only) is unit-tested in tests/test_routing.py.
+GPU-only) is unit-tested in tests/test_router.py.
 
 Its own small cluster (1 DP-2 prefill + 1 decode, ~6 GB), started for this
 module only.

@@ -97,7 +97,7 @@ def test_decode_killed_mid_request_fails_fast_and_clearly(owned, pd_backend):
     time.sleep(1.0)
     killed_at = time.monotonic()
     owned.kill("decode", 0)
-    worker.join(timeout=pd_backend.timeouts.total)
+    worker.join(timeout=pd_backend.client.timeouts.total)
     assert not worker.is_alive(), "the request hung after its decode server died"
 
     error = outcome.get("error")
