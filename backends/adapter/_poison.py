@@ -22,21 +22,21 @@ with ``return_logprob``                                            ``get_top_log
 ``sampling_params.n`` > 1          one prompt: decode   200        ``managers/tokenizer_manager.py``
                                    hangs; a batch:                 ``_handle_batch_request``: the warm-up and
                                    both legs hang                  the samples share one bootstrap room
-one prompt, a list for             both die             dies       ``managers/scheduler.py``
-``logprob_start_len``,                                             ``_handle_generate_request`` (list > int),
+one prompt, a list for             both die (run with   dies       ``managers/scheduler.py``
+``logprob_start_len``,             logprob_start_len)              ``_handle_generate_request`` (list > int),
 ``top_logprobs_num``,                                              ``managers/schedule_batch.py``
 ``return_hidden_states``                                           ``get_return_hidden_states_mode``
 one prompt, a list for             500                  500        ``tokenizer_manager.py``
 ``sampling_params`` or ``rid``                                     ``_validate_one_request``, ``_init_req_state``
 a batch, a per-item list shorter   500                  500        ``managers/io_struct.py``
 than the batch (``_PER_ITEM``)                                     ``GenerateReqInput.__getitem__``: IndexError
-``text`` and ``input_ids`` of      500                  500        ``io_struct.py`` counts items by ``text``;
+``text`` and ``input_ids`` of      (not run)            500        ``io_struct.py`` counts items by ``text``;
 different shapes                                                   ``input_ids`` are what is prefilled
 ``stop_regex`` ``re`` rejects      500                  500        ``sampling/sampling_params.py`` ``normalize``
-``sampling_params.choice``         500                  500        in the API schema, not in ``SamplingParams``
+``sampling_params.choice``         (not run)            500        in the API schema, not in ``SamplingParams``
 ``positional_embed_overrides``     (not run)            dies       ``scheduler.py`` ``process_input_requests``:
                                                                    a JSON dict has no ``reconstruct``
-``disagg_prefill_dp_rank`` of      decode 500, prefill  ignored    ``disaggregation/decode.py``
+``disagg_prefill_dp_rank`` of      decode 500, prefill  (not run)  ``disaggregation/decode.py``
 another rank (``routed_dp_rank``   leg hangs (300 s)               ``_resolve_prefill_dp_rank``
 on a DP prefill: from the source)
 =================================  ===================  =========  ============================================
