@@ -20,7 +20,7 @@ from sglang.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SglSam
 
 from backends.errors import BadRequestError
 
-__all__ = ["sampling_body", "check_sampling", "batch_size", "routing_text", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator"]
+__all__ = ["sampling_body", "sampling_items", "check_sampling", "batch_size", "routing_text", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator"]
 
 _LOGPROB_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
 _DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": REGEX_FLOAT,
@@ -55,6 +55,14 @@ def sampling_body(sampling_params: SglSamplingParams) -> dict[str, Any]:
     return body
 
 
+def sampling_items(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(name, params)`` of each sampling-params dict of ``body``: one, or one per batch item."""
+    params = body.get("sampling_params") or {}
+    if isinstance(params, list):
+        return [(f"sampling_params[{i}]", item) for i, item in enumerate(params)]
+    return [("sampling_params", params)]
+
+
 def check_sampling(body: dict[str, Any]) -> None:
     """Refuse, before any server sees it, what no server can serve.
 
@@ -67,10 +75,7 @@ def check_sampling(body: dict[str, Any]) -> None:
     BadRequestError
         Naming the item and field.
     """
-    params = body.get("sampling_params") or {}
-    items = params if isinstance(params, list) else [params]
-    for i, item in enumerate(items):
-        where = f"sampling_params[{i}]" if isinstance(params, list) else "sampling_params"
+    for where, item in sampling_items(body):
         if not isinstance(item, dict):
             raise BadRequestError(f"{where} must be a dict (or a list of dicts, one per batch item), "
                                   f"got {type(item).__name__}")

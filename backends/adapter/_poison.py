@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from backends.adapter._payloads import sampling_items
 from backends.errors import BadRequestError
 
 __all__ = ["ServerLimits", "check_generate_body", "VOCAB_PROBE", "vocab_size_from_probe", "PD_TOP_LOGPROBS_CAPACITY"]
@@ -212,11 +213,9 @@ def _check_shapes(body: dict, size: int | None) -> None:
 
 
 def _check_sampling(body: dict, limits: ServerLimits) -> None:
-    params = body.get("sampling_params")
-    for i, item in enumerate(params if isinstance(params, list) else [params]):
+    for where, item in sampling_items(body):
         if not isinstance(item, dict):
             continue  # SGLang's own 400
-        where = f"sampling_params[{i}]" if isinstance(params, list) else "sampling_params"
         n = item.get("n")
         if limits.pd and isinstance(n, int) and n > 1:
             raise _refuse(f"{where}.n", f"is {n}", "SGLang sends the n samples and a prefix warm-up of a prompt "
