@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from backends import ClusterStartError, PDBackend, PDClient, PDCluster, PDError, SGLangPDConfig, is_tiny_model
+from backends import ClusterStartError, PDClient, PDCluster, PDError, SGLangPDConfig, is_tiny_model
 from backends import RouterProcess, router_argv
 
 SELECT_NOTE = ("Note: sglang-router 0.3.2 refuses a batched `text` list (HTTP 422). sgl.select sends "

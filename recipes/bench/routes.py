@@ -15,17 +15,14 @@ reached decode.
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from sglang.lang.ir import SglSamplingParams
 
-from backends import PDBackend, RoundRobin, Timeouts
+from backends import HttpxTransport, PDClient, PDError, RoundRobin, Timeouts, sampling_body
 
 STREAM_TTFT = "client time to first SSE chunk (stream=true)"
 _LIMITS = Timeouts(connect=5.0, first_byte=600.0, total=600.0)
