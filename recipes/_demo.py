@@ -55,7 +55,7 @@ def launch_and_run(config: SGLangPDConfig, *, max_tokens: int, json_path: str | 
         print("\nInterrupted; all servers stopped.")
         return 130
     print("All servers stopped.")
-    report = {"model": config.resolved_model_path(), "tiny_model": config.is_tiny_model,
+    report = {"model": cluster.servers[0].model_path, "tiny_model": config.is_tiny_model,
               "pd_ratio": list(config.pd_ratio), "startup_seconds": round(startup, 2), **report}
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2), encoding="utf-8")

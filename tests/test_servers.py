@@ -132,8 +132,8 @@ def test_discover_pools_describes_every_role():
 @pytest.mark.parametrize("given, message", [
     ({"prefill": [P1]}, "PD needs both prefill and decode servers; no decode server was given"),
     ({"decode": [D1], "colocated": [C1]}, "no prefill server was given"),
-    ({}, "give servers"),
-    ({"prefill": [], "decode": None, "colocated": ()}, "give servers"),
+    ({}, "needs servers"),
+    ({"prefill": [], "decode": None, "colocated": ()}, "needs servers"),
     ({"colocated": 30000}, "colocated must be a list of URLs, got 30000"),
 ])
 def test_malformed_pools_are_refused_before_any_server_is_asked(given, message):
