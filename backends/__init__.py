@@ -7,7 +7,8 @@ Two ideas, one subpackage each, with their public names re-exported here:
   policies, retried and measured; :class:`PDBackend` runs SGLang's frontend
   language on one.
 - :mod:`backends.launcher` (server side): :class:`SGLangPDConfig` describes a
-  deployment, :class:`PDCluster` runs it (GPUs, or CPU with the tiny model).
+  deployment, :class:`PDCluster` runs it (GPUs, or CPU with the tiny model or
+  the prefill-bound one, :data:`PREFILL_BOUND_MODEL`).
 
 :mod:`backends.errors` is the one exception tree of both; :mod:`backends.testing`
 holds the in-memory transport and fake SGLang servers for tests.
@@ -52,6 +53,7 @@ from backends.errors import (
     StreamInterruptedError,
 )
 from backends.launcher import (
+    PREFILL_BOUND_MODEL,
     PRESETS,
     ROUTER_MODULE,
     ManagedProcess,
@@ -75,6 +77,7 @@ __all__ = [
     # launcher
     "SGLangPDConfig", "PRESETS", "ServerSpec", "plan_servers", "PDCluster", "ManagedProcess", "RouterProcess",
     "RouterPortTaken", "router_argv", "ROUTER_MODULE", "ensure_tiny_model", "is_tiny_model",
+    "PREFILL_BOUND_MODEL",
     # errors
     "PDError", "ConfigurationError", "BadRequestError", "ServerUnavailableError", "PrefillFailedError",
     "DecodeFailedError", "NoHealthyServerError", "RequestTimeoutError", "StreamInterruptedError", "ClusterStartError",

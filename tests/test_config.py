@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 
 from backends.launcher import _cpu as cpu
-from backends import SGLangPDConfig, plan_servers
+from backends import ConfigurationError, SGLangPDConfig, plan_servers
 from backends.launcher._config import PORT_STRIDE
 from backends.launcher._launch_plan import DECODE_MAX_RUNNING_REQUESTS
 
@@ -85,6 +86,30 @@ def test_port_plan_is_unique_and_ordered():
         else:
             assert s.bootstrap_port is None
             assert "--disaggregation-bootstrap-port" not in s.argv
+
+
+def test_kv_events_are_published_by_prefill_and_colocated_servers_on_their_own_ports():
+    specs = plan_servers(SGLangPDConfig(model_path=MODEL, pd_ratio="2:1", colocated=1, device="cpu",
+                                        prefill_args=["--dp-size", "2"]))
+    for s in specs:
+        if s.role == "decode":
+            assert "--kv-events-config" not in s.argv and s.event_ports == ()
+            continue
+        dp = 2 if s.role == "prefill" else 1
+        config = json.loads(flag(s.argv, "--kv-events-config"))
+        events = s.port + 3
+        assert config == {"publisher": "zmq", "endpoint": f"tcp://*:{events}",
+                          "replay_endpoint": f"tcp://*:{events + dp}", "topic": "kv"}
+        assert flag(s.argv, "--load-publish-endpoint") == f"tcp://*:{events + 2 * dp}"
+        assert s.event_ports == tuple(range(events, events + 3 * dp))
+    ports = [p for s in specs for p in s.ports]
+    assert len(ports) == len(set(ports))
+    quiet = plan_servers(SGLangPDConfig(model_path=MODEL, colocated=1, device="cpu", kv_events=False))
+    assert not any("--kv-events-config" in s.argv or s.event_ports for s in quiet)
+    with pytest.raises(ConfigurationError, match="kv_events=False"):
+        plan_servers(SGLangPDConfig(model_path=MODEL, device="cpu", prefill_args=["--dp-size", "3"]))
+    with pytest.raises(ConfigurationError, match="kv_events must be True or False"):
+        SGLangPDConfig(kv_events="yes")
 
 
 def test_argv_starts_with_launch_server():
@@ -207,7 +232,7 @@ def test_data_parallel_role_gets_its_own_gpus_ports_and_cpu_binding():
     prefill, decode = plan_servers(cfg, device="cuda", gpu_count=6)
     assert prefill.gpu_ids == (0, 1, 2, 3) and decode.gpu_ids == (4, 5)  # tp 2 x dp 2, then tp 2
     assert "--nccl-port" not in prefill.argv and prefill.nccl_port is None  # SGLang gives DP ranks one port
-    assert prefill.ports == (prefill.port, prefill.bootstrap_port)
+    assert prefill.ports == (prefill.port, prefill.bootstrap_port, *range(prefill.port + 3, prefill.port + 9))
     assert flag(decode.argv, "--nccl-port") == str(decode.nccl_port)
     with pytest.raises(ValueError, match="need 8 GPUs"):
         plan_servers(SGLangPDConfig(model_path=MODEL, pd_ratio="1:1", tp_size=2,

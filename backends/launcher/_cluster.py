@@ -160,7 +160,7 @@ class PDCluster:
     def start(self) -> "PDCluster":
         """Launch every server and wait until all are healthy.
 
-        The tiny model is built first when the config asks for it (~4 s, once per machine).
+        A random model (tiny, prefill-bound) is built first when the config asks for it (once per machine).
 
         Raises
         ------
@@ -172,8 +172,8 @@ class PDCluster:
             raise ClusterStartError("PDCluster.start(): already started; call stop() first.")
         for spec in self._specs:
             _process.require_free_ports(spec, ClusterStartError)
-        if self.config.model_path is None:
-            ensure_tiny_model()
+        if self.config.random_model_kind is not None:
+            ensure_tiny_model(kind=self.config.random_model_kind)
         self._install_exit_hooks()
         try:
             for spec in self._specs:

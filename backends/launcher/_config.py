@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 from backends.errors import ConfigurationError
 from backends.launcher import _cpu as cpu
-from backends.launcher._tiny_model import is_tiny_model
+from backends.launcher._tiny_model import PREFILL_BOUND_MODEL, is_tiny_model, random_model_kind
 
 __all__ = ["PRESETS", "PORT_STRIDE", "ROLES", "SGLangPDConfig"]
 
@@ -39,7 +39,11 @@ class SGLangPDConfig:
     Parameters
     ----------
     model_path : str, optional
-        Hugging Face id or local folder; ``None`` builds and uses the tiny model.
+        Hugging Face id or local folder; ``None`` builds and uses the tiny
+        model, ``PREFILL_BOUND_MODEL`` (``"sglpd:prefill-bound"``) the
+        prefill-bound random model (same tokenizer, but prefill costs ~0.5 s
+        per 1,000 tokens on a CPU core, so prefix-cache hits show as latency).
+        Either is built at cluster start, once per machine.
     pd_ratio : tuple of int or str
         Prefill and decode server counts, ``(P, D)`` or ``"P:D"``. ``(0, 0)``
         with ``colocated >= 1`` runs ordinary servers only (baselines).
@@ -62,6 +66,12 @@ class SGLangPDConfig:
         override the role defaults.
     decode_torch_compile : bool
         Add ``--enable-torch-compile`` to decode servers.
+    kv_events : bool
+        Prefill and colocated servers publish their radix cache's KV events
+        and their load over ZeroMQ (``--kv-events-config``,
+        ``--load-publish-endpoint``), so every client routes on what each cache
+        really holds and on every client's load. On by default; ``False``
+        leaves clients their approximate per-process prefix record.
 
     Raises
     ------
@@ -82,6 +92,7 @@ class SGLangPDConfig:
     decode_args: tuple[str, ...] = ()
     colocated_args: tuple[str, ...] = ()
     decode_torch_compile: bool = False
+    kv_events: bool = True
 
     def __post_init__(self) -> None:
         for name, value in _validated(self).items():
@@ -135,8 +146,13 @@ class SGLangPDConfig:
 
     @property
     def is_tiny_model(self) -> bool:
-        """True when the servers will run the random tiny model."""
+        """True when the servers will run a random model (tiny or prefill-bound: nonsense text)."""
         return self.model_path is None or is_tiny_model(self.model_path)
+
+    @property
+    def random_model_kind(self) -> str | None:
+        """``"tiny"`` or ``"prefill-bound"`` when the launcher builds that model; ``None`` otherwise."""
+        return random_model_kind(self.model_path)
 
 
 _DEVICES = ("auto", "cpu", "cuda")
@@ -216,8 +232,9 @@ def _validated(cfg: SGLangPDConfig) -> dict:
     model = os.fspath(cfg.model_path) if isinstance(cfg.model_path, os.PathLike) \
         else cfg.model_path
     if model is not None and (not isinstance(model, str) or not model.strip()):
-        raise ConfigurationError(f"model_path must be None (tiny model), a path or a Hugging Face "
-                         f"id, got {cfg.model_path!r}.")
+        raise ConfigurationError(f"model_path must be None (tiny model), {PREFILL_BOUND_MODEL!r}, a path "
+                         f"or a Hugging Face id, got {cfg.model_path!r}.")
+    random_model_kind(model)  # an unknown "sglpd:<kind>" fails here, not at launch
     _int_field("base_port", cfg.base_port, 1024)
     last = cfg.base_port + PORT_STRIDE * (sum(ratio) + colocated) - 1
     if last > 65535:
@@ -226,5 +243,7 @@ def _validated(cfg: SGLangPDConfig) -> dict:
     if not isinstance(cfg.decode_torch_compile, bool):
         raise ConfigurationError(f"decode_torch_compile must be True or False, "
                          f"got {cfg.decode_torch_compile!r}.")
+    if not isinstance(cfg.kv_events, bool):
+        raise ConfigurationError(f"kv_events must be True or False, got {cfg.kv_events!r}.")
     return dict(pd_ratio=ratio, model_path=model, **{f"{r}_args": _args_field(f"{r}_args", getattr(cfg, f"{r}_args"))
                                    for r in ROLES})

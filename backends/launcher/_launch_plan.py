@@ -8,7 +8,9 @@ variable lives here (everything specific to running without a GPU lives in
 Port plan: server ``i`` (prefill servers first, then decode, then colocated)
 owns ``base_port + 10*i`` .. ``+9``: ``+0`` HTTP, ``+1`` ``--nccl-port``
 (torch.distributed rendezvous, bound on all interfaces), ``+2`` the prefill
-bootstrap server. SGLang's other sockets are IPC files or random ports:
+bootstrap server, and on prefill and colocated servers with KV events on,
+for ``N`` DP ranks: ``+3 .. +3+N-1`` events, ``+3+N ..`` event replay,
+``+3+2N ..`` load (SGLang binds base + rank; so N <= 2 fits the stride). SGLang's other sockets are IPC files or random ports:
 ZeroMQ/gloo sockets in the ephemeral range (32768+ on Linux) and, on PD
 servers, Mooncake's RPC port in 15000-17000. So clusters on one machine only
 need disjoint ``base_port`` ranges, best kept below 32768 and outside
@@ -17,6 +19,7 @@ need disjoint ``base_port`` ranges, best kept below 32768 and outside
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +31,9 @@ from backends.launcher._tiny_model import tiny_model_dir
 
 __all__ = ["ServerSpec", "plan_servers", "dp_size_of", "DECODE_MAX_RUNNING_REQUESTS"]
 
-_NCCL_OFFSET, _BOOTSTRAP_OFFSET = 1, 2
+_NCCL_OFFSET, _BOOTSTRAP_OFFSET, _EVENTS_OFFSET = 1, 2, 3
+#: Topic of the KV-event stream (any string; clients read it from /server_info).
+KV_EVENTS_TOPIC = "kv"
 #: Decode servers batch many streams: a larger cap, CUDA graphs up to it.
 DECODE_MAX_RUNNING_REQUESTS = 256
 #: PD failure detection: decode pings each prefill's bootstrap server this
@@ -43,7 +48,9 @@ class ServerSpec:
 
     ``argv`` is the full command (``sys.executable -m sglang.launch_server ...``);
     ``env`` holds only the additions to the launching process's environment.
-    ``bootstrap_port`` is set for prefill servers only.
+    ``bootstrap_port`` is set for prefill servers only; ``event_ports`` holds
+    the KV-event, replay and load ports (prefill and colocated servers with
+    ``kv_events``).
     """
 
     role: str
@@ -57,6 +64,7 @@ class ServerSpec:
     argv: list[str] = field(hash=False)
     env: dict[str, str] = field(hash=False)
     gpu_ids: tuple[int, ...] = ()
+    event_ports: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -66,7 +74,8 @@ class ServerSpec:
     @property
     def ports(self) -> tuple[int, ...]:
         """Every fixed port this server binds (must be free before launch)."""
-        return tuple(p for p in (self.port, self.nccl_port, self.bootstrap_port) if p is not None)
+        fixed = (self.port, self.nccl_port, self.bootstrap_port, *self.event_ports)
+        return tuple(p for p in fixed if p is not None)
 
 
 def plan_servers(cfg: SGLangPDConfig, device: str | None = None, gpu_count: int | None = None) -> list[ServerSpec]:
@@ -86,8 +95,9 @@ def plan_servers(cfg: SGLangPDConfig, device: str | None = None, gpu_count: int 
     Returns
     -------
     list of ServerSpec
-        One per server; the tiny model's path when ``cfg.model_path`` is
-        ``None`` (built by :class:`~backends.launcher.PDCluster` at start).
+        One per server; a random model's folder when ``cfg.model_path`` is
+        ``None`` (tiny) or ``"sglpd:<kind>"`` (built by
+        :class:`~backends.launcher.PDCluster` at start).
 
     Raises
     ------
@@ -95,7 +105,8 @@ def plan_servers(cfg: SGLangPDConfig, device: str | None = None, gpu_count: int 
         Too few GPUs, a bad ``--dp-size``, or ``decode_torch_compile`` on CPU.
     """
     device = device or cfg.resolved_device()
-    model_path = cfg.model_path or str(tiny_model_dir())
+    kind = cfg.random_model_kind
+    model_path = str(tiny_model_dir(kind=kind)) if kind else cfg.model_path
     counts = (cfg.num_prefill, cfg.num_decode, cfg.colocated)
     order = [(role, i) for role, n in zip(ROLES, counts) for i in range(n)]
     gpu_ids = _gpu_plan(cfg, device, gpu_count, order)
@@ -163,6 +174,8 @@ def _spec(cfg: SGLangPDConfig, role: str, index: int, slot: int, model: str,
     if bootstrap is not None:
         argv += ["--disaggregation-bootstrap-port", str(bootstrap)]
     argv += _role_defaults(cfg, role, device)
+    event_flags, event_ports = _kv_event_flags(cfg, role, port, dp_size)
+    argv += event_flags
     if cfg.is_tiny_model:
         # The random model would fill JSON-constrained output with whitespace
         # until max_tokens; compact JSON keeps it finite and parseable.
@@ -176,7 +189,32 @@ def _spec(cfg: SGLangPDConfig, role: str, index: int, slot: int, model: str,
     url_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     return ServerSpec(role=role, index=index, model_path=model, host=cfg.host, port=port,
                       url=f"http://{url_host}:{port}", nccl_port=nccl_port,
-                      bootstrap_port=bootstrap, argv=argv, env=env, gpu_ids=gpu_ids)
+                      bootstrap_port=bootstrap, argv=argv, env=env, gpu_ids=gpu_ids,
+                      event_ports=event_ports)
+
+
+def _kv_event_flags(cfg: SGLangPDConfig, role: str, port: int, dp_size: int) -> tuple[list[str], tuple[int, ...]]:
+    """``--kv-events-config`` and ``--load-publish-endpoint`` for a server whose cache clients route on.
+
+    Decode servers hold no prompt worth routing to (their KV arrives by
+    transfer and is not reused across requests), so only prefill and
+    colocated servers publish. Endpoints bind every interface (``*``): SGLang
+    advertises the wildcard in ``/server_info`` and clients dial the host of
+    the server's URL (``describe_kv_events_publisher``, ``sglang/srt/runtime_context.py``).
+    """
+    if not cfg.kv_events or role == "decode":
+        return [], ()
+    if _EVENTS_OFFSET + 3 * dp_size > PORT_STRIDE:
+        raise ConfigurationError(
+            f"kv_events with --dp-size {dp_size} on {role} servers needs {3 * dp_size} event ports per "
+            f"server, more than the {PORT_STRIDE - _EVENTS_OFFSET} free in its port range; use --dp-size <= 2 "
+            f"or kv_events=False (clients then route on their approximate prefix record).")
+    events, replay, load = (port + _EVENTS_OFFSET + k * dp_size for k in range(3))
+    config = {"publisher": "zmq", "endpoint": f"tcp://*:{events}", "replay_endpoint": f"tcp://*:{replay}",
+              "topic": KV_EVENTS_TOPIC}
+    flags = ["--kv-events-config", json.dumps(config, separators=(",", ":")),
+             "--load-publish-endpoint", f"tcp://*:{load}"]
+    return flags, tuple(range(events, events + 3 * dp_size))
 
 
 def _role_defaults(cfg: SGLangPDConfig, role: str, device: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""A deterministic tiny Llama model, built locally, for CPU servers and tests.
+"""Deterministic random Llama models, built locally, for CPU servers and tests.
 
 Why: no model hub is reachable from CI or this machine, yet the serving path
 (tokenizer, scheduler, KV cache, PD transfer) should be exercised for real.
@@ -7,7 +7,16 @@ byte-level BPE tokenizer trained on a fixed list of Python standard-library
 files is enough: its text is nonsense, but greedy output is deterministic, so a
 PD pair can be checked token for token against a colocated server.
 
-The model is built once and cached under ``$SGLPD_CACHE/models`` (default
+Two kinds share that one tokenizer build (same ids, chat template and special
+tokens), so any prompt means the same tokens on both:
+
+- ``"tiny"`` (the default): prefill is nearly free, so it shows the framework.
+- ``"prefill-bound"``: ~22 M parameters, sized so that prefilling 1,000 tokens
+  costs about half a second on one CPU core while a decode step stays cheap;
+  prefix-cache hits then show up as latency. Servers select it with
+  ``model_path=PREFILL_BOUND_MODEL`` (``"sglpd:prefill-bound"``).
+
+Each is built once and cached under ``$SGLPD_CACHE/models`` (default
 ``~/.cache/sgl-pd/models``). Building goes to a temporary directory first and
 is published with one atomic ``rename``, so two processes racing to build it
 both end up using one complete copy. Nothing is downloaded.
@@ -21,11 +30,32 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "is_tiny_model", "tiny_model_dir", "ensure_tiny_model", "TINY_MODEL_NAME", "MARKER_FILE"]
+from backends.errors import ConfigurationError
 
-#: Folder name of the model; bump the suffix whenever the recipe changes.
-TINY_MODEL_NAME = "tiny-llama-v1"
-#: File whose presence marks a directory as this random tiny model.
+__all__ = ["default_cache_dir", "is_tiny_model", "tiny_model_dir", "ensure_tiny_model", "random_model_kind",
+           "MODEL_KINDS", "PREFILL_BOUND_MODEL", "TINY_MODEL_NAME", "MARKER_FILE"]
+
+#: Per kind: folder name (bump its suffix whenever that recipe changes) and the
+#: ``LlamaConfig`` shape. Everything else (tokenizer, seed, positions) is shared.
+_KINDS: dict[str, tuple[str, dict]] = {
+    "tiny": ("tiny-llama-v1", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)),
+    # FLOPs, not bytes: ~22 M weights (44 MB) read once per decode step, but
+    # 2 x 22 M multiply-adds per prompt token.
+    "prefill-bound": ("prefill-bound-llama-v1", dict(hidden_size=512, intermediate_size=1408,
+                                                     num_hidden_layers=6, num_attention_heads=8,
+                                                     num_key_value_heads=4)),
+}
+#: Kinds of random model, for ``kind=`` below.
+MODEL_KINDS = tuple(_KINDS)
+#: ``model_path`` that names a random model without a folder: ``"sglpd:<kind>"``.
+_ALIAS_PREFIX = "sglpd:"
+#: ``SGLangPDConfig(model_path=PREFILL_BOUND_MODEL)`` builds and serves the prefill-bound model.
+PREFILL_BOUND_MODEL = _ALIAS_PREFIX + "prefill-bound"
+#: Folder name of the tiny model.
+TINY_MODEL_NAME = _KINDS["tiny"][0]
+#: File whose presence marks a directory as one of these random models (random
+#: weights, nonsense text), whichever kind.
 MARKER_FILE = "TINY_RANDOM_MODEL"
 
 _SEED = 1234
@@ -57,39 +87,70 @@ def default_cache_dir() -> Path:
     return base / "models"
 
 
+def random_model_kind(model_path: str | os.PathLike | None) -> str | None:
+    """The random model a ``model_path`` asks the launcher to build, or ``None`` for any other model.
+
+    ``None`` means ``"tiny"``; ``"sglpd:<kind>"`` means that kind. Folders are
+    not inspected: a built model's path is served as it is, like any model.
+
+    Raises
+    ------
+    ConfigurationError
+        ``"sglpd:<kind>"`` with an unknown kind.
+    """
+    if model_path is None:
+        return "tiny"
+    if not isinstance(model_path, str) or not model_path.startswith(_ALIAS_PREFIX):
+        return None
+    kind = model_path[len(_ALIAS_PREFIX):]
+    _check_kind(kind, f"model_path {model_path!r}")
+    return kind
+
+
 def is_tiny_model(path: str | os.PathLike | None) -> bool:
-    """Tell whether ``path`` is a directory holding the random tiny model."""
+    """Tell whether ``path`` holds (or, as ``"sglpd:<kind>"``, names) a random model of any kind."""
     if path is None:
         return False
+    if isinstance(path, str) and path.startswith(_ALIAS_PREFIX):
+        return path[len(_ALIAS_PREFIX):] in _KINDS
     return (Path(path).expanduser() / MARKER_FILE).is_file()
 
 
-def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where :func:`ensure_tiny_model` puts the tiny model (it may not be built yet)."""
-    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / TINY_MODEL_NAME
+def tiny_model_dir(cache_dir: str | os.PathLike | None = None, kind: str = "tiny") -> Path:
+    """Where :func:`ensure_tiny_model` puts the model of ``kind`` (it may not be built yet)."""
+    _check_kind(kind, "kind")
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / _KINDS[kind][0]
 
 
-def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the tiny model's directory, building it on first use.
+def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, kind: str = "tiny") -> Path:
+    """Return a random model's directory, building it on first use.
 
     Parameters
     ----------
     cache_dir : path-like, optional
         Folder that holds model folders; default :func:`default_cache_dir`.
+    kind : {"tiny", "prefill-bound"}
+        Which model (see the module docstring); both share one tokenizer.
 
     Returns
     -------
     pathlib.Path
-        ``<cache_dir>/tiny-llama-v1``, loadable with ``--model-path``.
+        ``<cache_dir>/tiny-llama-v1`` (or ``prefill-bound-llama-v1``), loadable
+        with ``--model-path``.
+
+    Raises
+    ------
+    ConfigurationError
+        Unknown ``kind``.
     """
-    final = tiny_model_dir(cache_dir)
+    final = tiny_model_dir(cache_dir, kind)
     root = final.parent
     if is_tiny_model(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        _build(tmp)
+        _build(tmp, kind)
         for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them private
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         try:
@@ -97,12 +158,18 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
         except OSError:
             if not is_tiny_model(final):  # not a lost race: something else is there
                 raise RuntimeError(
-                    f"Cannot publish the tiny model at {final}: the path exists but is "
-                    f"not a complete tiny model. Remove {final} and retry."
+                    f"Cannot publish the {kind} model at {final}: the path exists but is "
+                    f"not a complete random model. Remove {final} and retry."
                 ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _check_kind(kind: str, what: str) -> None:
+    if kind not in _KINDS:
+        raise ConfigurationError(f"{what}: unknown random model {kind!r}; choose one of {list(_KINDS)} "
+                                 f"(as a model_path: {[_ALIAS_PREFIX + k for k in _KINDS]}).")
 
 
 def _corpus() -> list[str]:
@@ -142,17 +209,13 @@ def _build_tokenizer():
     )
 
 
-def _build_model(tokenizer):
+def _build_model(tokenizer, kind: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_KINDS[kind][1],
         max_position_embeddings=_MAX_POSITIONS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -169,13 +232,13 @@ def _build_model(tokenizer):
     return model.to(torch.bfloat16)
 
 
-def _build(out_dir: Path) -> None:
-    tokenizer = _build_tokenizer()
-    model = _build_model(tokenizer)
+def _build(out_dir: Path, kind: str) -> None:
+    tokenizer = _build_tokenizer()  # the same for every kind: same ids, template, special tokens
+    model = _build_model(tokenizer, kind)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / MARKER_FILE).write_text(
-        "Random-weight tiny Llama built by backends/tiny_model.py for tests and CPU "
+        f"Random-weight {kind} Llama built by backends/launcher/_tiny_model.py for tests and CPU "
         "servers. Its output is meaningless text; only the serving path is real.\n",
         encoding="utf-8",
     )
