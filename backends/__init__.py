@@ -62,6 +62,7 @@ from backends.launcher import (
     RouterProcess,
     ServerSpec,
     SGLangPDConfig,
+    TINY_MODEL,
     ensure_tiny_model,
     is_tiny_model,
     plan_servers,
@@ -77,7 +78,7 @@ __all__ = [
     # launcher
     "SGLangPDConfig", "PRESETS", "ServerSpec", "plan_servers", "PDCluster", "ManagedProcess", "RouterProcess",
     "RouterPortTaken", "router_argv", "ROUTER_MODULE", "ensure_tiny_model", "is_tiny_model",
-    "PREFILL_BOUND_MODEL",
+    "PREFILL_BOUND_MODEL", "TINY_MODEL",
     # errors
     "PDError", "ConfigurationError", "BadRequestError", "ServerUnavailableError", "PrefillFailedError",
     "DecodeFailedError", "NoHealthyServerError", "RequestTimeoutError", "StreamInterruptedError", "ClusterStartError",

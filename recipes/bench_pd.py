@@ -4,6 +4,8 @@ Examples::
 
     # launch 2 prefill + 1 decode + 1 colocated server (tiny model, CPU) and benchmark
     python -m recipes.bench_pd --quick
+    # the same on the prefill-bound random model, where cache hits show as latency
+    python -m recipes.bench_pd --quick --model prefill-bound
     # servers already running
     python -m recipes.bench_pd --prefill http://127.0.0.1:30000 http://127.0.0.1:30010 \\
         --decode http://127.0.0.1:30020 --colocated http://127.0.0.1:30030
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import httpx
 
+from backends import PREFILL_BOUND_MODEL, TINY_MODEL
 from recipes.bench import overhead, report, suite, topology, workloads
 from recipes.bench.plot import plot
 from recipes.bench.router_process import PortPicker
@@ -50,17 +53,22 @@ SIZES = {
                   concurrency=4, overhead_requests=300),
 }
 WORKLOADS = ("shared-prefix", "multi-turn", "few-shot")
+#: ``--model`` choices: the ``model_path`` each gives the launched servers.
+LAUNCH_MODELS = {"tiny": TINY_MODEL, "prefill-bound": PREFILL_BOUND_MODEL}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.bench_pd", description=__doc__.split("\n\n")[0])
-    servers = p.add_argument_group("servers (none given: launch 2P + 1D + 1 colocated on the tiny model)")
+    servers = p.add_argument_group("servers (none given: launch 2P + 1D + 1 colocated on the --model)")
     servers.add_argument("--prefill", nargs="+", default=[], metavar="URL")
     servers.add_argument("--decode", nargs="+", default=[], metavar="URL")
     servers.add_argument("--colocated", nargs="+", default=[], metavar="URL")
     servers.add_argument("--base-port", type=int, default=35000, help="ports of launched servers (default 35000)")
     servers.add_argument("--pd-ratio", default="2:1", help="prefill:decode servers to launch (default 2:1)")
     servers.add_argument("--launch-colocated", type=int, default=1, help="colocated servers to launch (default 1)")
+    servers.add_argument("--model", choices=sorted(LAUNCH_MODELS), default="tiny",
+                         help="random model of launched servers: tiny (prefill nearly free) or prefill-bound "
+                              "(~0.7 s per 1,000 prompt tokens on a core, so cache hits show as latency)")
     what = p.add_argument_group("what to run")
     what.add_argument("--topologies", nargs="+",
                       help="e.g. 2P1D 1P1D (default: the full pools, then 1P1D)")
@@ -125,7 +133,8 @@ def setup_record(args: argparse.Namespace, servers: topology.Servers, topos, loa
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "versions": {pkg: version(pkg) for pkg in ("sglang", "sglang-router")},
         "servers": {"prefill": servers.prefill, "bootstrap_ports": servers.bootstrap_ports,
-                    "decode": servers.decode, "colocated": servers.colocated},
+                    "decode": servers.decode, "colocated": servers.colocated,
+                    "launched_model": None if args.prefill or args.decode else args.model},
         "topologies": [t.name for t in topos],
         "workloads": {w.name: {**w.shape, "requests": len(w.turns)} for w in loads},
         "load": {"concurrency": args.concurrency, "request_rate": args.request_rate, "stream": args.stream,
@@ -172,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ratio = tuple(int(x) for x in args.pd_ratio.split(":"))
                 print(f"[bench] launching {ratio[0]}P + {ratio[1]}D + {args.launch_colocated} colocated servers "
-                      f"from port {args.base_port} (1-2 minutes)", file=sys.stderr, flush=True)
-                servers = stack.enter_context(topology.launched(ratio, args.launch_colocated, args.base_port))
+                      f"({args.model} model) from port {args.base_port} (1-2 minutes)", file=sys.stderr, flush=True)
+                servers = stack.enter_context(topology.launched(ratio, args.launch_colocated, args.base_port,
+                                                                LAUNCH_MODELS[args.model]))
             topos = topology.topologies(servers, args.topologies)
         except (ValueError, httpx.HTTPError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Launch prefill/decode-separated SGLang servers. With --demo, run the demo "
                     "workload and print per-request timings and a benchmark summary, then stop; "
                     "without it, keep the servers up until Ctrl-C.")
-    p.add_argument("--model", help="model path or Hugging Face id (default: the random tiny model)")
+    p.add_argument("--model", help="model path or Hugging Face id (default: the random tiny model; "
+                                    "'prefill-bound' for the random model whose prefill costs real time)")
     p.add_argument("--pd-ratio", help="prefill:decode server counts, e.g. 2:3 (default 1:1)")
     p.add_argument("--preset", choices=["small", "medium", "large"],
                    help="start from a preset (model, ratio, TP, memory); options given override it")

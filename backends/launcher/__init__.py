@@ -14,10 +14,10 @@ from backends.launcher._process import ManagedProcess
 from backends.launcher._router import LAUNCH_MODULE as ROUTER_MODULE
 from backends.launcher._router import RouterPortTaken, RouterProcess, router_argv
 from backends.launcher._supervisor import RestartEvent
-from backends.launcher._tiny_model import PREFILL_BOUND_MODEL, ensure_tiny_model, is_tiny_model
+from backends.launcher._tiny_model import PREFILL_BOUND_MODEL, TINY_MODEL, ensure_tiny_model, is_tiny_model
 
 __all__ = [
     "SGLangPDConfig", "PRESETS", "ServerSpec", "plan_servers", "PDCluster", "RestartEvent", "ManagedProcess",
     "RouterProcess", "RouterPortTaken", "router_argv", "ROUTER_MODULE", "ensure_tiny_model", "is_tiny_model",
-    "PREFILL_BOUND_MODEL",
+    "PREFILL_BOUND_MODEL", "TINY_MODEL",
 ]

@@ -39,11 +39,12 @@ class SGLangPDConfig:
     Parameters
     ----------
     model_path : str, optional
-        Hugging Face id or local folder; ``None`` builds and uses the tiny
-        model, ``PREFILL_BOUND_MODEL`` (``"sglpd:prefill-bound"``) the
-        prefill-bound random model (same tokenizer, but prefill costs ~0.5 s
-        per 1,000 tokens on a CPU core, so prefix-cache hits show as latency).
-        Either is built at cluster start, once per machine.
+        Hugging Face id or local folder; ``None`` (or ``TINY_MODEL``,
+        ``"sglpd:tiny"``) builds and uses the tiny random model,
+        ``PREFILL_BOUND_MODEL`` (``"sglpd:prefill-bound"``) the prefill-bound
+        one: same tokenizer, but prefill costs ~0.7 s per 1,000 tokens on a
+        CPU core, so prefix-cache hits show as latency. Either is built at
+        cluster start, once per machine.
     pd_ratio : tuple of int or str
         Prefill and decode server counts, ``(P, D)`` or ``"P:D"``. ``(0, 0)``
         with ``colocated >= 1`` runs ordinary servers only (baselines).

@@ -11,10 +11,12 @@ Two kinds share that one tokenizer build (same ids, chat template and special
 tokens), so any prompt means the same tokens on both:
 
 - ``"tiny"`` (the default): prefill is nearly free, so it shows the framework.
-- ``"prefill-bound"``: ~22 M parameters, sized so that prefilling 1,000 tokens
-  costs about half a second on one CPU core while a decode step stays cheap;
-  prefix-cache hits then show up as latency. Servers select it with
-  ``model_path=PREFILL_BOUND_MODEL`` (``"sglpd:prefill-bound"``).
+- ``"prefill-bound"``: 22 M parameters (hidden 512, 6 layers), sized so that
+  prefilling 1,000 tokens costs ~0.7 s on one CPU core (SGLang CPU server)
+  while a decode step stays ~12 ms; prefix-cache hits then show as latency.
+
+Servers select them by ``model_path``: ``PREFILL_BOUND_MODEL``
+(``"sglpd:prefill-bound"``), and ``None`` or ``TINY_MODEL`` (``"sglpd:tiny"``).
 
 Each is built once and cached under ``$SGLPD_CACHE/models`` (default
 ``~/.cache/sgl-pd/models``). Building goes to a temporary directory first and
@@ -33,15 +35,16 @@ from pathlib import Path
 from backends.errors import ConfigurationError
 
 __all__ = ["default_cache_dir", "is_tiny_model", "tiny_model_dir", "ensure_tiny_model", "random_model_kind",
-           "MODEL_KINDS", "PREFILL_BOUND_MODEL", "TINY_MODEL_NAME", "MARKER_FILE"]
+           "MODEL_KINDS", "PREFILL_BOUND_MODEL", "TINY_MODEL", "TINY_MODEL_NAME", "MARKER_FILE"]
 
 #: Per kind: folder name (bump its suffix whenever that recipe changes) and the
 #: ``LlamaConfig`` shape. Everything else (tokenizer, seed, positions) is shared.
 _KINDS: dict[str, tuple[str, dict]] = {
     "tiny": ("tiny-llama-v1", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)),
-    # FLOPs, not bytes: ~22 M weights (44 MB) read once per decode step, but
-    # 2 x 22 M multiply-adds per prompt token.
+    # Prefill is FLOPs, decode is bytes: 17.7 M weights outside the embeddings
+    # cost ~35 MFLOP per prompt token (~0.7 s per 1,000 at SGLang's ~55
+    # GFLOP/s bf16 on one AVX2 core), while a decode step reads 44 MB once.
     "prefill-bound": ("prefill-bound-llama-v1", dict(hidden_size=512, intermediate_size=1408,
                                                      num_hidden_layers=6, num_attention_heads=8,
                                                      num_key_value_heads=4)),
@@ -52,6 +55,8 @@ MODEL_KINDS = tuple(_KINDS)
 _ALIAS_PREFIX = "sglpd:"
 #: ``SGLangPDConfig(model_path=PREFILL_BOUND_MODEL)`` builds and serves the prefill-bound model.
 PREFILL_BOUND_MODEL = _ALIAS_PREFIX + "prefill-bound"
+#: The tiny model by name, as ``model_path=None`` is (for overriding a preset's model, say).
+TINY_MODEL = _ALIAS_PREFIX + "tiny"
 #: Folder name of the tiny model.
 TINY_MODEL_NAME = _KINDS["tiny"][0]
 #: File whose presence marks a directory as one of these random models (random

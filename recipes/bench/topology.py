@@ -63,9 +63,14 @@ def from_urls(prefill: list[str], decode: list[str], colocated: list[str]) -> Se
 
 
 @contextmanager
-def launched(pd_ratio: tuple[int, int], colocated: int, base_port: int) -> Iterator[Servers]:
-    """Launch servers on the tiny model (CPU) for the bench; stopped on exit, errors and Ctrl-C."""
-    config = SGLangPDConfig(pd_ratio=pd_ratio, colocated=colocated, base_port=base_port)
+def launched(pd_ratio: tuple[int, int], colocated: int, base_port: int,
+             model_path: str | None = None) -> Iterator[Servers]:
+    """Launch servers for the bench; stopped on exit, errors and Ctrl-C.
+
+    ``model_path`` as :class:`SGLangPDConfig` takes it: ``None`` is the tiny
+    model, ``PREFILL_BOUND_MODEL`` the prefill-bound one (both random, built here).
+    """
+    config = SGLangPDConfig(pd_ratio=pd_ratio, colocated=colocated, base_port=base_port, model_path=model_path)
     with PDCluster(config) as cluster:
         yield Servers(tuple(cluster.prefill_urls), tuple(cluster.prefill_bootstrap_ports),
                       tuple(cluster.decode_urls), tuple(cluster.colocated_urls))
