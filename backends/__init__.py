@@ -22,6 +22,7 @@ from backends.adapter import (
     HttpxTransport,
     LeastLoaded,
     LoadGuard,
+    PrefillCost,
     Metrics,
     PDBackend,
     PDClient,
@@ -71,7 +72,7 @@ from backends.launcher import (
 
 __all__ = [
     # adapter
-    "PDBackend", "PDClient", "Delivered", "Route", "Policy", "Candidates", "Choice", "CacheAware", "LoadGuard",
+    "PDBackend", "PDClient", "Delivered", "Route", "Policy", "Candidates", "Choice", "CacheAware", "LoadGuard", "PrefillCost",
     "LeastLoaded", "SmallestCache", "RoundRobin", "RandomChoice", "RetryPolicy", "Timeouts", "Transport",
     "HttpxTransport", "Response", "ServerInfo", "describe_server", "parse_sse_line", "sampling_body", "Metrics",
     "RequestRecord",

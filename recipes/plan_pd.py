@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, nargs="+", default=[1], help="TP size(s) per server (default 1)")
     p.add_argument("--tp-efficiency", type=float, default=0.85, help="assumed TP scaling efficiency (default 0.85)")
     p.add_argument("--no-colocated", action="store_true", help="leave out the colocated baseline")
-    p.add_argument("--prefill-policy", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"])
+    p.add_argument("--prefill-policy", default="prefill_cost",
+                   choices=["prefill_cost", "cache_aware", "least_loaded", "round_robin"])
     p.add_argument("--model", help="model path for launch commands and launches (default: the tiny model)")
     p.add_argument("--json", help="write the plan (and calibration / validation) as JSON here")
     p.add_argument("--plot", help="write a PNG of goodput and p90/SLO per candidate here")

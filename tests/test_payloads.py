@@ -11,7 +11,7 @@ from backends.adapter._payloads import (
     check_sampling,
     merge_pd_answers,
     rids_of,
-    routing_text,
+    routing_prompt,
     sampling_body,
     with_bootstrap,
     with_rids,
@@ -84,12 +84,12 @@ def test_batch_size_counts_text_and_input_ids_batches(body, size):
     assert batch_size(body) == size
 
 
-@pytest.mark.parametrize("body, text", [
-    ({"text": "prompt"}, "prompt"), ({"text": ["first", "second"]}, "first"), ({"text": []}, ""),
-    ({"input_ids": [[1, 2], [3]]}, ""), ({"input_ids": [1, 2]}, ""),
+@pytest.mark.parametrize("body, prompt", [
+    ({"text": "prompt"}, ("prompt", None)), ({"text": ["first", "second"]}, ("first", None)), ({"text": []}, ("", None)),
+    ({"input_ids": [[1, 2], [3]]}, ("", [1, 2])), ({"input_ids": [1, 2]}, ("", [1, 2])), ({"input_ids": []}, ("", None)),
 ])
-def test_routing_text_is_the_prompt_or_a_batchs_first(body, text):
-    assert routing_text(body) == text
+def test_routing_prompt_is_the_prompt_or_a_batchs_first(body, prompt):
+    assert routing_prompt(body) == prompt
 
 
 def test_with_rids_names_every_item_of_a_batch():

@@ -27,7 +27,8 @@ def test_describe_server_reads_each_role_and_the_prefill_bootstrap_endpoint():
     assert describe_server(transport, D1, T) == ServerInfo(D1, "decode", "m", "d1", None)
     assert describe_server(transport, C1, T) == ServerInfo(C1, "colocated", "m", "c1", None)
     assert transport.paths(P1) == ["/model_info", "/server_info"]
-    assert transport.paths(D1) == ["/model_info"] and transport.paths(C1) == ["/model_info"]
+    assert transport.paths(D1) == ["/model_info"]  # decode caches nothing worth routing on
+    assert transport.paths(C1) == ["/model_info", "/server_info"]  # its KV-event endpoints and tokenizer
 
 
 def test_a_server_without_a_disaggregation_mode_is_colocated_and_an_unknown_one_is_refused():

@@ -1,7 +1,8 @@
 """``PDClient``: SGLang's native ``/generate`` API over pools of prefill, decode and colocated servers.
 
 The adapter's core without the frontend language: it discovers the servers,
-routes each request (cache-aware prefill, least-loaded decode), sends it as a
+routes each request (prefill where it costs least given what each radix cache
+holds, least-loaded decode), sends it as a
 PD pair with SGLang's bootstrap protocol (or to a colocated server), retries
 on another pair, keeps servers in or out of rotation, and measures every
 request. :class:`~backends.adapter.PDBackend` adapts SGLang's frontend
@@ -18,10 +19,11 @@ from backends.adapter._dispatch import Dispatcher
 from backends.adapter._engine import Delivered, Engine
 from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
+from backends.adapter._kv_routing import EventIndex
 from backends.adapter._metrics import Metrics
 from backends.adapter._payloads import check_sampling
 from backends.adapter._poison import ServerLimits, check_generate_body
-from backends.adapter._policies import CacheAware, LeastLoaded, LoadGuard, Policy
+from backends.adapter._policies import LeastLoaded, Policy, PrefillCost
 from backends.adapter._prefix_index import PrefixIndex
 from backends.adapter._retry import RetryPolicy
 from backends.adapter._router import Router
@@ -30,10 +32,6 @@ from backends.adapter._transport import HttpxTransport, Timeouts, Transport
 from backends.errors import BadRequestError, ConfigurationError, PDError, ServerUnavailableError
 
 __all__ = ["PDClient"]
-
-# Rough characters per token, to turn the user's token threshold into the
-# character units the prefix index works in.
-_CHARS_PER_TOKEN = 4
 
 
 class PDClient:
@@ -49,9 +47,17 @@ class PDClient:
         plain deployments; next to a PD pool they take short prompts
         (``colocated_below_tokens``) and serve while no PD pair is in rotation.
     prefill_policy, decode_policy, colocated_policy, prefill_rank_policy : Policy, optional
-        Server choice (:mod:`backends.adapter`). Defaults: ``LoadGuard(CacheAware())``
-        on the whole prompt for prefill, colocated and a DP prefill server's
-        ranks; ``LeastLoaded()`` for decode.
+        Server choice (:mod:`backends.adapter`). Defaults: ``PrefillCost()``
+        (least prefill work: uncached tokens there plus the work queued there)
+        for prefill, colocated and a DP prefill server's ranks;
+        ``LeastLoaded()`` for decode.
+    kv_events : bool
+        Route on the servers' own KV cache events and published load where
+        they publish them (``/server_info`` has ``kv_events``; the launcher
+        turns them on): prompts are tokenized here with the model's tokenizer
+        and matched in tokens against what each radix cache holds, shared by
+        every client. ``False``, or servers that publish nothing: an
+        approximate record of what this client sent, in characters.
     colocated_below_tokens : int, optional
         Conditional disaggregation: prompts with fewer uncached tokens than
         this go to a colocated server. ``None`` (default) disables it.
@@ -96,6 +102,7 @@ class PDClient:
         probe_interval: float = 1.0,
         breaker_cooldown: float = 10.0,
         max_pairs: int = 256,
+        kv_events: bool = True,
     ) -> None:
         if colocated_below_tokens is not None and colocated_below_tokens < 0:
             raise ConfigurationError(f"colocated_below_tokens must be >= 0 or None, got {colocated_below_tokens}")
@@ -120,13 +127,19 @@ class PDClient:
             probe_interval=probe_interval, breaker_cooldown=breaker_cooldown,
             on_recover=lambda url: self._router.forget(url),
         )
+        try:
+            self._events = EventIndex(self.pools["prefill"] + self.pools["colocated"]) if kv_events else None
+        except BaseException:
+            self._health.close()
+            self._transport.close()
+            raise
         self._router = Router(
             self.pools, self._health, PrefixIndex(), self._inflight,
-            {"prefill": prefill_policy or LoadGuard(CacheAware()), "decode": decode_policy or LeastLoaded(),
-             "colocated": colocated_policy or LoadGuard(CacheAware()),
-             "prefill_rank": prefill_rank_policy or LoadGuard(CacheAware())},
-            colocated_below_chars=None if colocated_below_tokens is None else colocated_below_tokens * _CHARS_PER_TOKEN,
+            {"prefill": prefill_policy or PrefillCost(), "decode": decode_policy or LeastLoaded(),
+             "colocated": colocated_policy or PrefillCost(), "prefill_rank": prefill_rank_policy or PrefillCost()},
+            colocated_below_tokens=colocated_below_tokens, events=self._events,
         )
+        self.metrics.watch_cache(self.cache_status)
         self._dispatcher = Dispatcher(self._transport, self.timeouts, max_pairs=max_pairs)
         self._engine = Engine(self._router, self._dispatcher, self._inflight, self._health, self.retry, self.metrics)
 
@@ -264,6 +277,27 @@ class PDClient:
         """Requests this client has in flight, per server (and prefill DP rank, as ``URL#dpR``)."""
         return self._inflight.loads()
 
+    def cache_status(self) -> dict[str, dict[str, Any]]:
+        """What routing knows of each radix cache (server, or DP rank ``URL#dpR``).
+
+        Per cache: ``index`` (``"events"`` when its server publishes KV
+        events, else ``"approximate"``), ``blocks`` indexed from events,
+        ``event_lag_s`` (publish to receipt), ``last_event_age_s``, ``load_age_s``,
+        replays, resets, gaps and errors of its event stream, and
+        ``approximate_keys`` (this client's record of what it sent there).
+        """
+        status: dict[str, dict[str, Any]] = {}
+        events = self._events.stats() if self._events is not None else {}
+        for info in self.pools["prefill"] + self.pools["colocated"]:
+            names = [info.url] + [f"{info.url}#dp{r}" for r in info.serving_ranks if info.dp_ranks > 1]
+            for name in names:
+                stream = events.get(name)
+                if stream is None and name == info.url and info.dp_ranks > 1:
+                    continue  # a multi-rank server's caches are its ranks
+                status[name] = {"index": "events" if stream is not None else "approximate",
+                                "approximate_keys": self._router.index.size(name), **(stream or {})}
+        return status
+
     def server_info(self) -> dict[str, Any]:
         """Each server's ``/server_info`` JSON, by URL (raises a ``PDError`` for an unreachable one)."""
         return {s.url: self._transport.request("GET", f"{s.url}/server_info", timeouts=self.timeouts).body
@@ -277,8 +311,13 @@ class PDClient:
             return False
 
     def close(self) -> None:
-        """Stop the health prober and the leg pool, close connections. The servers keep running."""
+        """Stop the health prober, the KV-event thread and the leg pool, close connections.
+
+        The servers keep running.
+        """
         self._health.close()
+        if self._events is not None:
+            self._events.close()
         self._dispatcher.close()
         self._transport.close()
 

@@ -21,7 +21,7 @@ from backends.adapter._dispatch import Dispatcher, Exchange
 from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
 from backends.adapter._metrics import Metrics, RequestRecord
-from backends.adapter._payloads import RoomAllocator, batch_size, routing_text
+from backends.adapter._payloads import RoomAllocator, batch_size, routing_prompt
 from backends.adapter._retry import RetryPolicy
 from backends.adapter._route import Route
 from backends.adapter._router import Router
@@ -128,10 +128,10 @@ class Engine:
 
         def attempt() -> _Opened:
             record.attempts += 1
-            route = self.router.route(routing_text(body), avoid=avoid, prefer_prefill=prefer_prefill)
+            route = self.router.route(*routing_prompt(body), avoid=avoid, prefer_prefill=prefer_prefill)
             _describe(record, route)
             load, sent_at = ExitStack(), time.monotonic()
-            load.enter_context(self.inflight.holding(route))
+            prefilled = load.enter_context(self.inflight.holding(route))
             try:
                 if route.mode == "pd":
                     room = self._rooms.allocate(batch_size(body) or 1, ranks=route.prefill.dp_ranks,
@@ -140,6 +140,7 @@ class Engine:
                 else:
                     exchange = self.dispatcher.single(route.colocated.url, body, track, stream=stream)
                 first = next(exchange.events, _NOTHING)
+                prefilled()  # a first result means the prompt is prefilled (PD: its KV reached decode)
                 if first is _NOTHING:
                     raise ServerUnavailableError(f"{route.servers[-1]} ended the stream before any text",
                                                  server=route.servers[-1])

@@ -77,6 +77,7 @@ class KVEventSubscriber:
         self.index, self._replay_timeout, self._poll_ms = index, replay_timeout_s, max(1, int(poll_interval_s * 1e3))
         self._ctx, self._commands, self._stop = zmq.Context(), queue.Queue(), threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._sources: dict[str, list[EventSource]] = {}
         self._lock = threading.Lock()  # _streams is read by other threads
         self._poller, self._handlers = zmq.Poller(), {}  # thread-owned, like every socket
         self._thread = threading.Thread(target=self._run, name="sgl-pd-kv-events", daemon=True)
@@ -86,11 +87,18 @@ class KVEventSubscriber:
         """Subscribe to every rank of ``url``; returns its holders (``[]``: no events, route approximately)."""
         sources = event_sources(url, server_info)
         if sources:
+            self._sources[url] = sources
             self._command(self._do_add, sources, timeout_s)
         return [s.holder for s in sources]
 
+    def resync(self, url: str, timeout_s: float = 2.0) -> None:
+        """Resubscribe to ``url`` from scratch: its index is rebuilt by a replay from sequence 0."""
+        if url in self._sources:
+            self._command(self._do_add, self._sources[url], timeout_s)
+
     def remove_server(self, url: str, timeout_s: float = 2.0) -> None:
         """Unsubscribe from ``url`` and forget its index."""
+        self._sources.pop(url, None)
         self._command(self._do_remove, url, timeout_s)
 
     def load(self, holder: str) -> Optional[tuple[LoadStat, float]]:

@@ -12,7 +12,7 @@ import statistics
 import threading
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["RequestRecord", "Metrics"]
 
@@ -92,6 +92,11 @@ class Metrics:
         if self._prometheus is not None:
             self._prometheus.observe(record)
 
+    def watch_cache(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export ``status()`` (``PDClient.cache_status``) as gauges at each scrape (no-op without a registry)."""
+        if self._prometheus is not None:
+            self._prometheus.registry.register(_CacheCollector(status))
+
     def records(self) -> list[RequestRecord]:
         with self._lock:
             return list(self._records)
@@ -129,6 +134,7 @@ class _PrometheusMirror:
         from prometheus_client import Counter as PCounter
         from prometheus_client import Histogram
 
+        self.registry = registry
         self.requests = PCounter("sgl_pd_requests", "Requests by route mode and outcome", ["mode", "outcome"], registry=registry)
         self.retries = PCounter("sgl_pd_retries", "Extra attempts after a failure", registry=registry)
         self.tokens = PCounter("sgl_pd_tokens", "Tokens by kind", ["kind"], registry=registry)
@@ -152,3 +158,28 @@ class _PrometheusMirror:
             self.ttft.observe(record.ttft)
         if record.prefill_latency is not None:
             self.prefill.observe(record.prefill_latency)
+
+
+class _CacheCollector:
+    """``sgl_pd_cache_*`` gauges per radix cache, read from the KV-event index when scraped."""
+
+    _GAUGES = (("blocks", "sgl_pd_cache_indexed_blocks", "Blocks indexed from the server's KV events"),
+               ("event_lag_s", "sgl_pd_cache_event_lag_seconds", "Publish-to-receipt delay of the last event batch"),
+               ("last_event_age_s", "sgl_pd_cache_last_event_age_seconds", "Seconds since the last live event batch"))
+
+    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._status = status
+
+    def describe(self) -> list:
+        return []  # unchecked: the caches are known only at scrape time
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        status = self._status()
+        for key, name, doc in self._GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["cache"])
+            for cache, fields in status.items():
+                if fields.get(key) is not None:
+                    family.add_metric([cache], float(fields[key]))
+            yield family

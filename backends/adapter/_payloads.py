@@ -20,7 +20,7 @@ from sglang.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SglSam
 
 from backends.errors import BadRequestError
 
-__all__ = ["sampling_body", "sampling_items", "check_sampling", "batch_size", "routing_text", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator"]
+__all__ = ["sampling_body", "sampling_items", "check_sampling", "batch_size", "routing_prompt", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator"]
 
 _LOGPROB_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
 _DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": REGEX_FLOAT,
@@ -100,14 +100,17 @@ def batch_size(body: dict[str, Any]) -> int | None:
     return None
 
 
-def routing_text(body: dict[str, Any]) -> str:
-    """The text the router keys on: the prompt, or the first item's of a batch."""
-    text = body.get("text")
+def routing_prompt(body: dict[str, Any]) -> tuple[str, list[int] | None]:
+    """What the router keys on: ``(text, input_ids)`` of the prompt, or of a batch's first item.
+
+    ``input_ids`` is ``None`` for a text prompt; ``text`` is ``""`` for an ids prompt.
+    """
+    text, ids = body.get("text"), body.get("input_ids")
     if isinstance(text, list):
-        return text[0] if text else ""
-    if isinstance(text, str):
-        return text
-    return ""
+        text = text[0] if text else ""
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return (text if isinstance(text, str) else ""), (ids if isinstance(ids, list) and ids else None)
 
 
 def with_rids(body: dict[str, Any], rid: str) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Server choice: small composable policies over one view of the candidates.
 
 A policy sees a :class:`Candidates` view (the servers it may pick from, their
-in-flight loads, how much of the prompt each is believed to hold) and returns
-a :class:`Choice`: the server and a short reason that ends up in metrics and
-debug logs. Policies are plain objects that compose the way tenacity's
-strategies do: ``LoadGuard(CacheAware(new_prefix=SmallestCache()))`` is the
-default prefill policy, and any policy can be wrapped by a guard or given as
-another's fallback.
+loads, how many of the prompt's tokens each holds in its radix cache) and
+returns a :class:`Choice`: the server and a short reason that ends up in
+metrics and debug logs. Policies are plain objects that compose the way
+tenacity's strategies do: :class:`PrefillCost` is the default for prefill and
+colocated servers, ``LoadGuard(CacheAware(new_prefix=SmallestCache()))`` the
+threshold-based alternative, and any policy can be wrapped by a guard or
+given as another's fallback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from backends.errors import ConfigurationError
 
 __all__ = [
     "Candidates", "Choice", "Policy", "RoundRobin", "RandomChoice", "LeastLoaded", "SmallestCache",
-    "CacheAware", "LoadGuard",
+    "CacheAware", "LoadGuard", "PrefillCost",
 ]
 
 
@@ -32,22 +33,35 @@ class Candidates:
     Attributes
     ----------
     servers
-        URLs in a stable order (the pool's order).
+        URLs in a stable order (the pool's order), or a server's DP ranks (``URL#dpR``).
     loads
-        In-flight requests this adapter has on each server.
-    matched_chars
-        Characters of the prompt each server is believed to hold in its radix cache.
-    held_blocks
-        Size of each server's prefix record, a proxy for how full its cache is.
-    prompt_chars
+        This client's requests in flight on each server (decoding included).
+    pending
+        Requests waiting for or in each server's prefill: what the server
+        publishes (every client's running and waiting requests) when it does,
+        never less than this client's own not yet prefilled.
+    matched_tokens
+        Leading tokens of the prompt each server holds in its radix cache.
+    held_tokens
+        Tokens each server's cache is known to hold, a proxy for how full it is.
+    prompt_tokens
         Length of the prompt being routed.
+    queued_tokens
+        Uncached prompt tokens already waiting for each server's prefill.
+    index
+        Where the token counts come from: ``"events"`` (the servers' own KV
+        events; exact to 16 tokens) or ``"approximate"`` (this client's record of
+        what it sent, in characters / 4).
     """
 
     servers: tuple[str, ...]
     loads: dict[str, int] = field(default_factory=dict)
-    matched_chars: dict[str, int] = field(default_factory=dict)
-    held_blocks: dict[str, int] = field(default_factory=dict)
-    prompt_chars: int = 0
+    pending: dict[str, int] = field(default_factory=dict)
+    matched_tokens: dict[str, int] = field(default_factory=dict)
+    held_tokens: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    queued_tokens: dict[str, int] = field(default_factory=dict)
+    index: str = "approximate"
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,7 @@ class LeastLoaded:
 
     def choose(self, candidates: Candidates) -> Choice:
         server, (load, _) = _lowest(candidates, self._tiebreak, lambda s: (candidates.loads.get(s, 0),
-                                                                          candidates.held_blocks.get(s, 0)))
+                                                                          candidates.held_tokens.get(s, 0)))
         return Choice(server, f"least_loaded(load={load})", "least_loaded")
 
 
@@ -149,12 +163,12 @@ class SmallestCache:
         self._tiebreak = RoundRobin()
 
     def choose(self, candidates: Candidates) -> Choice:
-        server, (blocks, _) = _lowest(candidates, self._tiebreak, lambda s: (candidates.held_blocks.get(s, 0),
-                                                                            candidates.loads.get(s, 0)))
-        return Choice(server, f"smallest_cache(blocks={blocks})", "smallest_cache")
+        server, (held, _) = _lowest(candidates, self._tiebreak, lambda s: (candidates.held_tokens.get(s, 0),
+                                                                          candidates.loads.get(s, 0)))
+        return Choice(server, f"smallest_cache(tokens={held})", "smallest_cache")
 
 
-def _lowest(candidates: Candidates, tiebreak: RoundRobin, key) -> tuple[str, tuple[int, int]]:
+def _lowest(candidates: Candidates, tiebreak: RoundRobin, key) -> tuple[str, tuple]:
     """The server with the lowest ``key`` and that key; exact ties go round robin."""
     best = min(key(s) for s in candidates.servers)
     tied = tuple(s for s in candidates.servers if key(s) == best)
@@ -186,11 +200,11 @@ class CacheAware:
         self.new_prefix = new_prefix or SmallestCache()
 
     def choose(self, candidates: Candidates) -> Choice:
-        matched = candidates.matched_chars
+        matched = candidates.matched_tokens
         best = max(candidates.servers, key=lambda s: (matched.get(s, 0), -candidates.loads.get(s, 0)))
-        best_chars = matched.get(best, 0)
-        ratio = best_chars / candidates.prompt_chars if candidates.prompt_chars else 0.0
-        if best_chars == 0 or ratio < self.min_match_ratio:
+        best_tokens = matched.get(best, 0)
+        ratio = best_tokens / candidates.prompt_tokens if candidates.prompt_tokens else 0.0
+        if best_tokens == 0 or ratio < self.min_match_ratio:
             choice = self.new_prefix.choose(candidates)
             return Choice(choice.server, f"no_prefix_match({ratio:.2f})->{choice.reason}",
                           f"no_prefix_match->{choice.rule}")
@@ -232,3 +246,53 @@ class LoadGuard:
             return Choice(fallback.server, f"imbalanced({load}>{least})->{fallback.reason}",
                           f"imbalanced->{fallback.rule}")
         return choice
+
+
+class PrefillCost:
+    """The server where this prompt's prefill would finish first: least estimated prefill work.
+
+    Work on a server, in prompt tokens: the tokens of this prompt its radix
+    cache lacks, plus the uncached tokens already waiting for it, plus
+    ``request_tokens`` per request waiting for or in its prefill (``pending``;
+    requests already decoding cost a prefill server nothing). So the cache owner keeps a
+    prefix while waiting there is cheaper than recomputing it elsewhere, and
+    an idle server (a restarted one, with an empty cache) takes work as soon
+    as recomputing is the cheaper way; no fixed threshold decides. Dynamo's KV
+    router scores overlap against load in the same spirit
+    (``lib/llm/src/kv_router/scheduler.py``: prefill blocks to compute plus
+    blocks active). Exact ties go to the longest match, then the smallest
+    cache, then round robin (which spreads new prefixes over the servers).
+
+    Parameters
+    ----------
+    request_tokens
+        Fixed cost of one request in prompt-token equivalents (scheduling, the
+        KV hand-off, its decode share on a colocated server). Default 64.
+
+    Raises
+    ------
+    ConfigurationError
+        ``request_tokens`` negative.
+    """
+
+    def __init__(self, request_tokens: int = 64) -> None:
+        if request_tokens < 0:
+            raise ConfigurationError(f"PrefillCost needs request_tokens >= 0, got {request_tokens}")
+        self.request_tokens = request_tokens
+        self._tiebreak = RoundRobin()
+
+    def work(self, candidates: Candidates, server: str) -> int:
+        """Estimated prefill work (tokens) of sending the prompt to ``server``."""
+        uncached = max(candidates.prompt_tokens - candidates.matched_tokens.get(server, 0), 0)
+        return (uncached + candidates.queued_tokens.get(server, 0)
+                + self.request_tokens * candidates.pending.get(server, 0))
+
+    def choose(self, candidates: Candidates) -> Choice:
+        matched = candidates.matched_tokens
+        server, key = _lowest(candidates, self._tiebreak, lambda s: (
+            self.work(candidates, s), -matched.get(s, 0), candidates.held_tokens.get(s, 0)))
+        hit = matched.get(server, 0)
+        longest = max(matched.get(s, 0) for s in candidates.servers)
+        rule = "prefix_match" if hit and hit == longest else "least_work" if longest else "new_prefix"
+        return Choice(server, f"{rule}(work={key[0]},hit={hit}/{candidates.prompt_tokens},{candidates.index})",
+                      rule)

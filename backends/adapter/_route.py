@@ -48,7 +48,13 @@ class Route:
         ``"colocated"``, and ``"prefill_rank"`` for a DP prefill server):
         the structured form of :attr:`reason`.
     keys
-        The prompt's prefix-index keys, for recording what the server now caches.
+        The prompt's approximate prefix-record keys, for recording what the server now caches.
+    token_keys
+        The prompt's token-index keys, when its ids are known and servers publish KV events.
+    index
+        Which record the placement used: ``"events"`` or ``"approximate"``.
+    uncached_tokens
+        Prompt tokens the chosen cache was not known to hold: the prefill work this route queues.
     prefill_rank
         The DP rank of a multi-rank prefill server chosen for the prompt (its room must match).
     """
@@ -59,6 +65,9 @@ class Route:
     decode: ServerInfo | None = None
     colocated: ServerInfo | None = None
     keys: list[int] = field(default_factory=list, repr=False)
+    token_keys: list[int] | None = field(default=None, repr=False)
+    index: str = "approximate"
+    uncached_tokens: int = 0
     prefill_rank: int | None = None
 
     @property

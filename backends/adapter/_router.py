@@ -2,28 +2,48 @@
 
 The router joins the pieces that decide placement: the pools discovered at
 start, which servers are in rotation (:mod:`._health`), what each prefill
-server is believed to cache (:mod:`._prefix_index`), the requests in flight
-(:mod:`._inflight`), and the policies (:mod:`._policies`), one per decision:
-``prefill``, ``decode``, ``colocated`` and ``prefill_rank`` (the DP rank of a
-multi-rank prefill server). It sends nothing; it only decides.
+server caches and how loaded it is (from the servers' own KV events and
+``LoadStat``, :mod:`._kv_routing`, where they publish them; else this
+client's approximate record, :mod:`._prefix_index`, and its own requests in
+flight, :mod:`._inflight`), and the policies (:mod:`._policies`), one per
+decision: ``prefill``, ``decode``, ``colocated`` and ``prefill_rank`` (the DP
+rank of a multi-rank prefill server). It sends nothing; it only decides.
+
+Every count a policy sees is in prompt tokens. The approximate record works
+in characters; it is converted at ``_CHARS_PER_TOKEN``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Sequence
 
 from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
+from backends.adapter._kv_routing import EventIndex
 from backends.adapter._policies import Candidates, Choice, Policy
 from backends.adapter._prefix_index import PrefixIndex
 from backends.adapter._route import Route, rank_key
 from backends.adapter._servers import ServerInfo
 
-__all__ = ["Router"]
+__all__ = ["Router", "Probe"]
 
 logger = logging.getLogger(__name__)
 
 _STICKY = "sticky"
+#: Rough characters per token, to compare the approximate record with token counts.
+_CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One prompt as the router matches it: its approximate keys, and its token keys when known."""
+
+    text: str
+    keys: list[int]
+    token_keys: list[int] | None
+    tokens: int
 
 
 class Router:
@@ -34,43 +54,73 @@ class Router:
     pools
         Discovered servers per role (``prefill``, ``decode``, ``colocated``).
     health, index, inflight
-        Rotation state, prefix record and in-flight registry, shared with the client.
+        Rotation state, approximate prefix record and in-flight registry, shared with the client.
     policies
         One :class:`~backends.adapter.Policy` per decision: ``prefill``,
         ``decode``, ``colocated`` and ``prefill_rank``.
-    colocated_below_chars
+    colocated_below_tokens
         With both a PD pool and a colocated pool: prompts whose part not yet
         cached on the best colocated server is shorter than this run there,
         skipping the KV transfer. ``None`` sends everything through PD while
         any PD pair is in rotation.
+    events
+        The servers' own cache and load view; ``None`` routes on the approximate record only.
     """
 
     def __init__(self, pools: dict[str, list[ServerInfo]], health: HealthTracker, index: PrefixIndex,
-                 inflight: InFlight, policies: dict[str, Policy], colocated_below_chars: int | None = None) -> None:
+                 inflight: InFlight, policies: dict[str, Policy], colocated_below_tokens: int | None = None,
+                 events: EventIndex | None = None) -> None:
         self.pools = pools
         self.health = health
         self.index = index
         self.inflight = inflight
         self.policies = policies
-        self.colocated_below_chars = colocated_below_chars
+        self.colocated_below_tokens = colocated_below_tokens
+        self.events = events if events is not None and events.active else None
 
-    def _candidates(self, role: str, keys: list[int], prompt_chars: int, avoid: set[str]) -> Candidates:
+    def probe(self, text: str, ids: Sequence[int] | None = None) -> Probe:
+        """Hash the prompt once for every decision of one route."""
+        token_ids = self.events.token_ids(text if ids is None else None, ids) if self.events else None
+        token_keys = None if token_ids is None else self.events.keys(token_ids)
+        tokens = len(token_ids) if token_ids is not None else len(text) // _CHARS_PER_TOKEN
+        return Probe(text, self.index.keys(text), token_keys, tokens)
+
+    def _candidates(self, role: str, probe: Probe, avoid: set[str]) -> Candidates:
         urls = [s.url for s in self.pools[role]]
         # With every server of the role out of rotation, try them anyway: a dead
         # server refuses a connection in milliseconds, while refusing to try
         # would fail requests for a whole probe interval after a false alarm.
         healthy = self.health.available(urls) or urls
         usable = tuple(u for u in healthy if u not in avoid) or tuple(healthy)
-        return self._view(usable, keys, prompt_chars)
+        return self._view(usable, probe, cached=role != "decode")
 
-    def _view(self, names: tuple[str, ...], keys: list[int], prompt_chars: int) -> Candidates:
-        """What a policy sees of ``names`` (servers, or a server's DP ranks) for a prompt."""
+    def _view(self, names: tuple[str, ...], probe: Probe, cached: bool = True) -> Candidates:
+        """What a policy sees of ``names`` (servers, or a server's DP ranks) for a prompt.
+
+        The prefill queue is what each server publishes (every client's
+        running and waiting requests) when it does, never less than this
+        client's own requests not yet prefilled.
+        """
+        loads = self.inflight.loads(names)
+        if not cached:
+            return Candidates(servers=names, loads=loads, prompt_tokens=probe.tokens)
+        pending, queued = self.inflight.prefill_queue(names)
+        events = self.events
+        if events is not None:
+            for name in names:
+                published = events.load(name)
+                if published is not None:
+                    pending[name] = max(pending[name], published.requests)
+                    queued[name] = max(queued[name], published.waiting_uncached_tokens)
+        if events is not None and probe.token_keys is not None and events.covers(names):
+            return Candidates(servers=names, loads=loads, pending=pending, queued_tokens=queued,
+                              prompt_tokens=probe.tokens, matched_tokens=events.matched(probe.token_keys, names),
+                              held_tokens={n: events.held_tokens(n) for n in names}, index="events")
+        block = self.index.block_chars
         return Candidates(
-            servers=names,
-            loads=self.inflight.loads(names),
-            matched_chars=self.index.match_chars(keys, list(names)),
-            held_blocks={n: self.index.size(n) for n in names},
-            prompt_chars=prompt_chars,
+            servers=names, loads=loads, pending=pending, queued_tokens=queued, prompt_tokens=probe.tokens,
+            matched_tokens={n: c // _CHARS_PER_TOKEN for n, c in self.index.match_chars(probe.keys, list(names)).items()},
+            held_tokens={n: self.index.size(n) * block // _CHARS_PER_TOKEN for n in names},
         )
 
     def _info(self, role: str, url: str) -> ServerInfo:
@@ -79,35 +129,39 @@ class Router:
     def _has_pd(self) -> bool:
         return bool(self.pools["prefill"]) and bool(self.pools["decode"])
 
-    def route(self, text: str, *, avoid: set[str] = frozenset(), prefer_prefill: str | None = None) -> Route:
-        """Choose servers for ``text``; ``avoid`` holds servers that already failed this request.
+    def route(self, text: str, ids: Sequence[int] | None = None, *, avoid: set[str] = frozenset(),
+              prefer_prefill: str | None = None) -> Route:
+        """Choose servers for a prompt (``text``, or its token ``ids``); ``avoid`` holds servers that failed it.
 
         ``prefer_prefill`` keeps a request on a prefill server chosen before
         (the items of one ``select``), while it is in rotation and not avoided.
         The prompt is claimed for the chosen server at once (see :meth:`_claim`).
         """
-        keys = self.index.keys(text)
-        colocated = self._colocated_choice(text, keys, avoid)
+        probe = self.probe(text, ids)
+        colocated = self._colocated_choice(probe, avoid)
         if colocated is not None:
             return colocated
-        prefill = self._candidates("prefill", keys, len(text), avoid)
+        prefill = self._candidates("prefill", probe, avoid)
         if prefer_prefill in prefill.servers:
             prefill_choice = Choice(prefer_prefill, _STICKY)
         else:
             prefill_choice = self.policies["prefill"].choose(prefill)
-        decode = self.policies["decode"].choose(self._candidates("decode", [], len(text), avoid))
+        decode = self.policies["decode"].choose(self._candidates("decode", probe, avoid))
         prefill_info = self._info("prefill", prefill_choice.server)
         choices = {"prefill": prefill_choice, "decode": decode}
-        rank = self._rank_choice(prefill_info, keys, len(text))
+        seen = prefill
+        rank = self._rank_choice(prefill_info, probe)
         if rank is not None:
-            choices["prefill_rank"] = rank[1]
+            choices["prefill_rank"], seen = rank[1], rank[2]
+        holder = choices.get("prefill_rank", prefill_choice).server
         route = Route(mode="pd", choices=choices, prefill=prefill_info, decode=self._info("decode", decode.server),
-                      keys=keys, prefill_rank=None if rank is None else rank[0])
-        logger.debug("route %s -> %s + %s (%s)", len(text), route.prefill.url, route.decode.url, route.reason)
+                      keys=probe.keys, token_keys=probe.token_keys, index=seen.index,
+                      uncached_tokens=_uncached(seen, holder), prefill_rank=None if rank is None else rank[0])
+        logger.debug("route %s -> %s + %s (%s)", probe.tokens, route.prefill.url, route.decode.url, route.reason)
         self._claim(route)
         return route
 
-    def _rank_choice(self, prefill: ServerInfo, keys: list[int], prompt_chars: int) -> tuple[int, Choice] | None:
+    def _rank_choice(self, prefill: ServerInfo, probe: Probe) -> tuple[int, Choice, Candidates] | None:
         """For a prefill server with DP ranks: the rank for this prompt, by the ``prefill_rank`` policy.
 
         Each rank has its own radix cache; a random room would scatter one
@@ -117,40 +171,47 @@ class Router:
         """
         if prefill.dp_ranks == 1:
             return None
-        if len(prefill.serving_ranks) == 1:
-            return prefill.serving_ranks[0], Choice(rank_key(prefill.url, prefill.serving_ranks[0]), "only_serving_rank")
         names = tuple(rank_key(prefill.url, r) for r in prefill.serving_ranks)
-        choice = self.policies["prefill_rank"].choose(self._view(names, keys, prompt_chars))
-        return prefill.serving_ranks[names.index(choice.server)], choice
+        view = self._view(names, probe)
+        if len(names) == 1:
+            return prefill.serving_ranks[0], Choice(names[0], "only_serving_rank"), view
+        choice = self.policies["prefill_rank"].choose(view)
+        return prefill.serving_ranks[names.index(choice.server)], choice, view
 
     def forget(self, url: str) -> None:
-        """Drop a server's prefix record and its DP ranks' (it restarted with empty caches)."""
+        """Drop what is known of a server's cache (it restarted, or its cache was flushed).
+
+        The approximate record of it and its DP ranks is dropped; its event
+        index is rebuilt from the server's replay buffer.
+        """
         self.index.forget(url)
         for info in self.pools["prefill"]:
             if info.url == url:
                 for r in info.serving_ranks:
                     self.index.forget(rank_key(url, r))
+        if self.events is not None:
+            self.events.resync(url)
 
-    def _colocated_choice(self, text: str, keys: list[int], avoid: set[str]) -> Route | None:
+    def _colocated_choice(self, probe: Probe, avoid: set[str]) -> Route | None:
         if not self.pools["colocated"]:
             return None
         if self._has_pd():
-            if self.colocated_below_chars is None and self._pd_in_rotation():
+            if self.colocated_below_tokens is None and self._pd_in_rotation():
                 return None
             if not self.health.available([s.url for s in self.pools["colocated"]]):
                 return None
-        candidates = self._candidates("colocated", keys, len(text), avoid)
+        candidates = self._candidates("colocated", probe, avoid)
         choice = self.policies["colocated"].choose(candidates)
-        uncached = len(text) - candidates.matched_chars.get(choice.server, 0)
+        uncached = _uncached(candidates, choice.server)
         if self._has_pd() and self._pd_in_rotation():
-            if uncached >= self.colocated_below_chars:
+            if uncached >= self.colocated_below_tokens:
                 return None
-            choice = Choice(choice.server, f"short_uncached({uncached}<{self.colocated_below_chars})->{choice.reason}",
+            choice = Choice(choice.server, f"short_uncached({uncached}<{self.colocated_below_tokens})->{choice.reason}",
                             "short_uncached")
         elif self._has_pd():
             choice = Choice(choice.server, f"pd_unavailable->{choice.reason}", "pd_unavailable")
-        route = Route(mode="colocated", choices={"colocated": choice},
-                      colocated=self._info("colocated", choice.server), keys=keys)
+        route = Route(mode="colocated", choices={"colocated": choice}, colocated=self._info("colocated", choice.server),
+                      keys=probe.keys, token_keys=probe.token_keys, index=candidates.index, uncached_tokens=uncached)
         self._claim(route)
         return route
 
@@ -162,9 +223,13 @@ class Router:
         follow it to the same server instead of seeing no match and being spread
         as cold prefills; sglang-router's tree is fed at decision time the same
         way. :meth:`learned` refreshes the record on success; a claim left by a
-        failed attempt costs at most one later cache miss.
+        failed attempt costs at most one later cache miss. Where the server
+        publishes events, the claim lasts until they confirm the prompt
+        (a PD prefill server announces it only after the KV transfer).
         """
         self._record_cached(route, [route.keys])
+        if self.events is not None and route.token_keys:
+            self.events.claim(route.cache_holder, route.token_keys)
 
     def _record_cached(self, route: Route, key_lists: list[list[int]]) -> None:
         server = (route.prefill or route.colocated).url
@@ -187,3 +252,7 @@ class Router:
     def learned(self, route: Route, texts: list[str] | None = None) -> None:
         """After success: the serving server now caches the prompt(s)."""
         self._record_cached(route, [route.keys] if texts is None else [self.index.keys(t) for t in texts])
+
+
+def _uncached(candidates: Candidates, server: str) -> int:
+    return max(candidates.prompt_tokens - candidates.matched_tokens.get(server, 0), 0)

@@ -9,8 +9,8 @@ same way, so users never type it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from backends.errors import ConfigurationError, PDError
@@ -41,6 +41,9 @@ class ServerInfo:
     #: for plain ``--dp-size`` (SGLang 0.5.23's KV sender checks ``room % dp_size``
     #: against its attention-DP rank, which is 0 on every plain-DP rank).
     serving_ranks: tuple[int, ...] = (0,)
+    #: Prefill and colocated: the server's ``/server_info`` JSON (its KV-event
+    #: endpoints, tokenizer settings); empty for decode servers.
+    server_args: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def normalize_url(url: str) -> str:
@@ -54,7 +57,7 @@ def normalize_url(url: str) -> str:
 
 
 def describe_server(transport: Transport, url: str, timeouts: Timeouts, listed_as: str | None = None) -> ServerInfo:
-    """Ask ``url`` what it is: role, model, and (prefill) bootstrap port and DP ranks.
+    """Ask ``url`` what it is: role, model, (prefill) bootstrap port and DP ranks, and its ``/server_info``.
 
     Parameters
     ----------
@@ -88,17 +91,19 @@ def describe_server(transport: Transport, url: str, timeouts: Timeouts, listed_a
     if role is None:
         raise ConfigurationError(f"{url} reports an unknown disaggregation_mode={mode!r}", server=url)
     host = urlsplit(url).hostname or "127.0.0.1"
-    port, dp_ranks, serving = None, 1, (0,)
-    if role == "prefill":
+    port, dp_ranks, serving, args = None, 1, (0,), {}
+    if role != "decode":  # prefill and colocated servers are routed on: their caches, events and tokenizer
         info = transport.request("GET", f"{url}/server_info", timeouts=timeouts)
-        if not info.ok or "disaggregation_bootstrap_port" not in info.body:
+        args = info.body if info.ok and isinstance(info.body, dict) else {}
+    if role == "prefill":
+        if "disaggregation_bootstrap_port" not in args:
             raise ConfigurationError(f"{url}/server_info did not report a bootstrap port", server=url)
-        port = int(info.body["disaggregation_bootstrap_port"])
-        dp_ranks = _room_following_dp_ranks(info.body)
-        if dp_ranks > 1 and info.body.get("enable_dp_attention"):
+        port = int(args["disaggregation_bootstrap_port"])
+        dp_ranks = _room_following_dp_ranks(args)
+        if dp_ranks > 1 and args.get("enable_dp_attention"):
             serving = tuple(range(dp_ranks))
     return ServerInfo(url=url, role=role, model_path=str(model.body.get("model_path", "")), bootstrap_host=host,
-                      bootstrap_port=port, dp_ranks=dp_ranks, serving_ranks=serving)
+                      bootstrap_port=port, dp_ranks=dp_ranks, serving_ranks=serving, server_args=args)
 
 
 def discover(transport: Transport, url: str, expected: Role, timeouts: Timeouts) -> ServerInfo:

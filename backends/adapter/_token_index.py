@@ -251,6 +251,11 @@ class TokenIndex:
         with self._lock:
             return list(self._holders)
 
+    def size(self, holder: str) -> int:
+        """Tokens indexed for ``holder`` (confirmed by events)."""
+        h = self._holders.get(holder)
+        return 0 if h is None else h.tokens
+
     def stats(self, holder: str) -> dict[str, int]:
         """``blocks`` and ``tokens`` indexed, ``runs``, ``orphans``, ``duplicates``, ``evicted`` runs, ``claims``."""
         with self._lock:

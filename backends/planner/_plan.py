@@ -151,7 +151,7 @@ def summarize(result: SimResult, workload: Workload, slo: SLO, shape: tuple[int,
 
 def plan(costs: CostModel, workload: Workload, slo: SLO, *, budget_servers: int | None = None,
          budget_gpus: int | None = None, tp=(1,), colocated: bool = True, tp_efficiency: float = 0.85,
-         prefill_policy: str = "cache_aware", decode_policy: str = "least_loaded", tie: float = 0.01) -> Plan:
+         prefill_policy: str = "prefill_cost", decode_policy: str = "least_loaded", tie: float = 0.01) -> Plan:
     """Simulate every candidate shape and rank them.
 
     Parameters

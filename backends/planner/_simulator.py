@@ -12,7 +12,7 @@ schedulers; times in seconds, sizes in tokens:
 - decode servers: continuous batching, joins and exits at step boundaries; a run of steps with
   an unchanged batch is one event. Colocated servers: the same, waiting prefills first (SGLang's default);
 - routing: the adapter's own policy objects choose at arrival from its in-flight counts and its
-  record of what it sent where; the policies' ``*_chars`` fields receive TOKEN counts here.
+  record of what it sent where (in tokens, as the adapter's event index gives them).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from math import ceil, sqrt
 import numpy as np
 
 import backends
-from backends import CacheAware, Candidates, LeastLoaded, RoundRobin
+from backends import CacheAware, Candidates, LeastLoaded, PrefillCost, RoundRobin
 from backends.planner._costs import CostModel
 from backends.planner._workload import PrefixCache, Workload
 
@@ -33,15 +33,18 @@ __all__ = ["Simulator", "SimResult", "make_policy"]
 
 
 def make_policy(spec):
-    """A fresh policy from a name (``cache_aware``, ``least_loaded``, ``round_robin``) or the object itself."""
+    """A fresh policy from a name or the object itself.
+
+    Names: ``prefill_cost`` (the adapter's default), ``cache_aware``
+    (``LoadGuard(CacheAware())``, threshold-based), ``least_loaded``, ``round_robin``.
+    """
     if not isinstance(spec, str):
         return spec
-    if spec == "cache_aware":  # the adapter's default: CacheAware, in a LoadGuard where the layout has one
-        guard = getattr(backends, "LoadGuard", None)
-        return guard(CacheAware()) if guard else CacheAware()
-    table = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+    if spec == "cache_aware":
+        return backends.LoadGuard(CacheAware())
+    table = {"prefill_cost": PrefillCost, "least_loaded": LeastLoaded, "round_robin": RoundRobin}
     if spec not in table:
-        raise ValueError(f"unknown policy {spec!r}; choose cache_aware, least_loaded or round_robin")
+        raise ValueError(f"unknown policy {spec!r}; choose prefill_cost, cache_aware, least_loaded or round_robin")
     return table[spec]()
 
 
@@ -93,7 +96,7 @@ class Simulator:
     """
 
     def __init__(self, costs: CostModel, prefill: int = 1, decode: int = 1, colocated: int = 0, *,
-                 prefill_policy="cache_aware", decode_policy="least_loaded", index_capacity_tokens: int = 524_288):
+                 prefill_policy="prefill_cost", decode_policy="least_loaded", index_capacity_tokens: int = 524_288):
         if colocated and (prefill or decode):
             raise ValueError("simulate either PD (prefill, decode >= 1) or colocated servers, not both")
         if not colocated and (prefill < 1 or decode < 1):
@@ -136,15 +139,17 @@ class _Run:
     def route(self, now, i) -> None:
         g, pre, n = self.group[i], self.prefix[i], self.prompt[i]
         names = tuple(s.name for s in self.pool)
-        view = Candidates(names, {s.name: s.inflight for s in self.pool},
-                          {s.name: s.claimed.match(g, pre, False) for s in self.pool},
-                          {s.name: s.claimed.total for s in self.pool}, n)
+        view = Candidates(names, loads={s.name: s.inflight for s in self.pool},
+                          pending={s.name: len(s.queue) for s in self.pool},
+                          matched_tokens={s.name: s.claimed.match(g, pre, False) for s in self.pool},
+                          held_tokens={s.name: s.claimed.total for s in self.pool}, prompt_tokens=n)
         p = self.pool[names.index(self.ppolicy.choose(view).server)]
         p.claimed.insert(g, pre, n - pre, i)
         p.inflight, d = p.inflight + 1, p
         if not self.colo:
             dn = tuple(s.name for s in self.dpool)
-            d = self.dpool[dn.index(self.dpolicy.choose(Candidates(dn, {s.name: s.inflight for s in self.dpool})).server)]
+            loads = {s.name: s.inflight for s in self.dpool}
+            d = self.dpool[dn.index(self.dpolicy.choose(Candidates(dn, loads=loads)).server)]
             d.inflight += 1
         self.where[i], self.pidx[i], self.didx[i] = (p, d), self.pool.index(p), self.dpool.index(d)
         self.push(now + self.c.request_overhead_s, self.enqueue, i)

@@ -1,4 +1,4 @@
-"""Cache-aware prefill routing on real servers: a prefix group stays where its KV is."""
+"""Cache-aware prefill routing on real servers: a prefix group stays where its KV is, unless waiting costs more."""
 
 from __future__ import annotations
 
@@ -48,10 +48,12 @@ def test_prefix_groups_stay_on_their_prefill_server(pd_backend):
         warm = [r for r in records if r.kind == "warm"]
         gens = [r for r in records if r.kind == "gen"]
         assert len(warm) == 1 and len(gens) == 64
-        # Every request after the warm-up found the prefix cached on its prefill server...
-        assert min(r.cached_tokens for r in gens) >= 0.9 * prefix_tokens
-        # ...because they all went to the server the warm-up went to.
-        assert {r.prefill for r in gens} == {warm[0].prefill}
+        # Every request after the warm-up found the prefix cached on its prefill server, except
+        # the few the placement spilled to the other server while the owner's queue cost more
+        # than recomputing the prefix there (the prefix is then computed once more, and cached there;
+        # requests following the spill before its prefill ends compute it alongside).
+        misses = [r for r in gens if r.cached_tokens < 0.9 * prefix_tokens]
+        assert len(misses) <= 3, [(r.cached_tokens, r.route_reason) for r in misses]
         placements[topic], reasons[topic] = warm[0].prefill, warm[0].route_reason
     # The second group went to the other, emptier prefill server.
     assert placements["orchard"] != placements["harbour"], (reasons, pd_backend.client.health())
