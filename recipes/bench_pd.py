@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--no-stream", dest="stream", action="store_false",
                       help="non-streamed requests (routers then report no TTFT)")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--clients", type=int, default=1,
+                      help="client processes behind each adapter route, each with its own PDClient (default 1)")
     load.add_argument("--repeats", type=int, default=1,
                       help="make every run N times, PD routes in a rotated order; the table shows medians")
     p.add_argument("--router-port", type=int, default=36000, help="first port tried for routers")
@@ -138,6 +140,7 @@ def setup_record(args: argparse.Namespace, servers: topology.Servers, topos, loa
         "topologies": [t.name for t in topos],
         "workloads": {w.name: {**w.shape, "requests": len(w.turns)} for w in loads},
         "load": {"concurrency": args.concurrency, "request_rate": args.request_rate, "stream": args.stream,
+                 "client_processes": args.clients,
                  "seed": args.seed},
         "routes": args.routes,
         "notes": [
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     options = suite.SuiteOptions(stream=args.stream, concurrency=args.concurrency, request_rate=args.request_rate,
                                  seed=args.seed, ports=PortPicker(args.router_port),
                                  log_dir=args.out / "bench_pd-logs",
-                                 routes=tuple(args.routes), repeats=max(args.repeats, 1))
+                                 routes=tuple(args.routes), repeats=max(args.repeats, 1),
+                                 clients=max(args.clients, 1))
     with ExitStack() as stack:
         try:
             if args.prefill or args.decode:

@@ -109,10 +109,18 @@ class Policy(Protocol):
 
 
 class RoundRobin:
-    """Each server in turn; the baseline that ignores caches and loads."""
+    """Each server in turn; the baseline that ignores caches and loads.
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
+    Parameters
+    ----------
+    start
+        Turn to begin at; ``None`` picks one at random, so that client
+        processes started together do not all send their first request to
+        the same server.
+    """
+
+    def __init__(self, start: int | None = 0) -> None:
+        self._counter = itertools.count(random.randrange(1 << 16) if start is None else start)
         self._lock = threading.Lock()
 
     def choose(self, candidates: Candidates) -> Choice:
@@ -261,7 +269,8 @@ class PrefillCost:
     router scores overlap against load in the same spirit
     (``lib/llm/src/kv_router/scheduler.py``: prefill blocks to compute plus
     blocks active). Exact ties go to the longest match, then the smallest
-    cache, then round robin (which spreads new prefixes over the servers).
+    cache, then round robin from a random start (which spreads new prefixes
+    over the servers, also when many client processes start at once).
 
     Parameters
     ----------
@@ -279,7 +288,7 @@ class PrefillCost:
         if request_tokens < 0:
             raise ConfigurationError(f"PrefillCost needs request_tokens >= 0, got {request_tokens}")
         self.request_tokens = request_tokens
-        self._tiebreak = RoundRobin()
+        self._tiebreak = RoundRobin(start=None)  # many clients: do not herd on the first server
 
     def work(self, candidates: Candidates, server: str) -> int:
         """Estimated prefill work (tokens) of sending the prompt to ``server``."""

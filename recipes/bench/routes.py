@@ -101,13 +101,17 @@ class HttpRoute:
 
 
 class AdapterRoute:
-    """A ``PDClient`` built for this route only (cold prefix index), with the given prefill policy."""
+    """A ``PDClient`` built for this route only (cold routing state), with the given prefill policy.
+
+    ``kv_events=False`` makes it route on its approximate record of what it sent,
+    even where the servers publish KV events (the adapter before events).
+    """
 
     kind = "adapter"
 
-    def __init__(self, name: str, prefill: list[str], decode: list[str], policy: str) -> None:
+    def __init__(self, name: str, prefill: list[str], decode: list[str], policy: str, kv_events: bool = True) -> None:
         self.name = name
-        self.prefill, self.decode, self.policy = prefill, decode, policy
+        self.prefill, self.decode, self.policy, self.kv_events = prefill, decode, policy, kv_events
         self.client: PDClient | None = None
 
     def ttft_method(self, stream: bool) -> str:
@@ -116,8 +120,9 @@ class AdapterRoute:
         return "adapter metrics: prefill-leg latency (answered once the KV reached decode)"
 
     def open(self) -> None:
-        policy = RoundRobin() if self.policy == "round_robin" else None  # None: the default LoadGuard(CacheAware())
-        self.client = PDClient(prefill=self.prefill, decode=self.decode, prefill_policy=policy, timeouts=_LIMITS)
+        policy = RoundRobin() if self.policy == "round_robin" else None  # None: the default PrefillCost()
+        self.client = PDClient(prefill=self.prefill, decode=self.decode, prefill_policy=policy, timeouts=_LIMITS,
+                               kv_events=self.kv_events)
 
     def close(self) -> None:
         if self.client is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from recipes.bench.cache_bound import best_achievable, token_ids
+from recipes.bench.client_pool import ClientPoolRoute
 from recipes.bench.contention import OutsideLoad
 from recipes.bench.report import summarize
 from recipes.bench.router_process import PortPicker, RouterRoute
@@ -25,7 +26,8 @@ from recipes.bench.runner import flush_caches, run_workload
 from recipes.bench.topology import Servers, Topology
 from recipes.bench.workloads import Render, Workload
 
-PD_ROUTES = ("adapter-cache-aware", "adapter-round-robin", "router-cache-aware", "router-round-robin", "mini-lb")
+PD_ROUTES = ("adapter-cache-aware", "adapter-approximate", "adapter-round-robin", "router-cache-aware",
+             "router-round-robin", "mini-lb")
 ALL_ROUTES = (*PD_ROUTES, "colocated")
 
 
@@ -43,6 +45,10 @@ class SuiteOptions:
         Where routers get their ports.
     routes, repeats
         Route names to run, and how many times the whole plan is made.
+    clients
+        Client processes behind each adapter route (each with its own
+        ``PDClient``, requests spread over them in turn); routers are one
+        process whatever the number of callers.
     """
 
     stream: bool = True
@@ -53,6 +59,7 @@ class SuiteOptions:
     log_dir: Path = Path("bench-out/bench_pd-logs")
     routes: tuple[str, ...] = ALL_ROUTES
     repeats: int = 1
+    clients: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,11 @@ def make_route(name: str, topology: Topology, options: SuiteOptions, label: str)
     """A route (not yet opened) named ``name`` on the servers of ``topology``."""
     prefill, decode = list(topology.prefill), list(topology.decode)
     if name.startswith("adapter-"):
-        return AdapterRoute(name, prefill, decode, "round_robin" if name.endswith("round-robin") else "cache_aware")
+        policy = "round_robin" if name.endswith("round-robin") else "cache_aware"
+        kv_events = name != "adapter-approximate"  # the adapter's record of what it sent, as before KV events
+        if options.clients > 1:
+            return ClientPoolRoute(name, prefill, decode, policy, options.clients, kv_events=kv_events)
+        return AdapterRoute(name, prefill, decode, policy, kv_events=kv_events)
     args = ["--pd-disaggregation"]
     for url, port in zip(prefill, topology.bootstrap_ports):
         args += ["--prefill", url, str(port)]
