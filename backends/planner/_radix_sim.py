@@ -14,8 +14,8 @@ friendlier stream than the real one. The rules followed, from SGLang 0.5.23:
   (its pages' chained hashes coalesced, ``parent_block_hash`` = the parent node's last block
   hash, ``None`` under the root), one ``BlockRemoved`` per evicted node, nothing on a split;
 - ``sglang/srt/disaggregation/prefill.py``: a PD prefill server inserts a prompt into its tree
-  (``release_kv_cache(checkpoint=True)``) only when the KV transfer succeeded, so the caller
-  inserts at that time, not when the forward ends.
+  when it processes the forward's results (``checkpoint_disagg_prefill``), before the KV
+  transfer, and unlocks it when the transfer succeeded (``release_kv_cache``).
 
 Events are the adapter's own wire structs (:mod:`backends.adapter._kv_wire`), applied to a
 ``TokenIndex`` as its ZMQ subscriber applies them (:func:`apply_kv_events`).

@@ -10,9 +10,11 @@ real policies, :class:`~backends.adapter._token_index.TokenIndex` and
 - a prefill server: a FIFO queue; each forward takes waiting requests while their uncached tokens
   fit ``max_prefill_tokens``, matched against its :class:`SimRadixCache` when taken (SGLang
   matches when it schedules) and costs :meth:`CostModel.prefill_time` plus one base per extra
-  chunk; the KV transfer then takes :meth:`CostModel.transfer_time`, after which the prompt is
-  cached, its events published, the first token counted (TTFT) and the client's
-  ``prefilled()`` called, as ``_engine.py`` does at the first result;
+  chunk; when it ends the next batch is formed, then the prompts are cached and their events
+  published (SGLang 0.5.23's overlapped PD prefill loop: ``checkpoint_disagg_prefill`` in
+  ``process_batch_result_disagg_prefill``, before the KV transfer); the transfer takes
+  :meth:`CostModel.transfer_time`, after which the first token counts (TTFT) and the client's
+  ``prefilled()`` is called, as ``_engine.py`` does at the first result;
 - KV events and ``LoadStat`` (running + waiting requests, waiting uncached tokens; published on
   every change, as SGLang's ``SchedulerLoadPublisher`` does within a few scheduler steps) reach
   every subscribed client ``event_lag_s`` later; a client's :class:`EventIndex` is the
@@ -286,21 +288,25 @@ class _Run:
         self.push(self.now + dt, self.forward_done, s)
 
     def forward_done(self, s: _Server) -> None:
-        for i, node in s.forward:
-            self.push(self.now + self.c.transfer_time(len(self.w.prompts[i])), self.transferred, (s, i, node))
-        s.forward = []
+        done, s.forward = s.forward, []
         if s.head > 1024:
             del s.queue[: s.head]
             s.head = 0
-        self.start(s)
+        self.start(s)  # SGLang's overlap loop forms the next batch before it processes this one's results
+        events = []
+        for i, node in done:  # checkpoint_disagg_prefill: cached (and announced) before the KV transfer
+            ids = self.w.prompts[i]
+            events += s.cache.insert(ids, self.now)
+            s.cache.release(node)
+            node = s.cache.acquire(ids, self.now)[1]  # held until the transfer ends
+            self.push(self.now + self.c.transfer_time(len(ids)), self.transferred, (s, i, node))
+        if events and self.indexes:
+            self.push(self.now + self.lag, self.deliver, (s.url, events))
         self.publish(s)
 
     def transferred(self, arg) -> None:
         s, i, node = arg
-        events = s.cache.insert(self.w.prompts[i], self.now)  # SGLang caches it once the transfer succeeded
-        s.cache.release(node)
-        if events and self.indexes:
-            self.push(self.now + self.lag, self.deliver, (s.url, events))
+        s.cache.release(node)  # release_kv_cache once the transfer succeeded
         self.ttft[i] = self.now - self.w.arrival_s[i]
         router, route, hold, prefilled = self.live[i]
         prefilled()

@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
-from backends import PDBackend, Timeouts
+from backends import PDBackend, PDClient, Timeouts
+from tests._support import wait_until
+
+_TIMEOUTS = Timeouts(connect=2.0, first_byte=60.0, total=120.0)
 
 VICTIM = ("prefill", 1)  # test_failures.py kills prefill 0; spread the wear
 
@@ -30,6 +34,11 @@ def _healthy(url: str) -> bool:
 
 
 def test_a_crashed_prefill_server_is_restarted_and_serves_again(cluster):
+    with ExitStack() as stack:
+        _crash_and_come_back(cluster, stack)
+
+
+def _crash_and_come_back(cluster, stack: ExitStack) -> None:
     if getattr(cluster, "reused", True):
         pytest.skip("crashing a server needs servers started (and supervised) by this test session")
     if not getattr(cluster, "supervise", False):
@@ -42,6 +51,12 @@ def test_a_crashed_prefill_server_is_restarted_and_serves_again(cluster):
     cluster.restart(*VICTIM)  # its start time, measured now rather than guessed
     start_time = time.monotonic() - began
     events_before = len(cluster.restarts())
+
+    # A client that lives through the crash: its event index of the victim must empty, then refill.
+    watcher = PDClient(prefill=[spec.url], decode=cluster.decode_urls, timeouts=_TIMEOUTS)
+    stack.callback(watcher.close)
+    watcher.request({"text": "Indexed before the crash. " * 20, "sampling_params": {"max_new_tokens": 2}})
+    assert wait_until(lambda: watcher.cache_status()[spec.url]["blocks"] > 0, 30), watcher.cache_status()
 
     pid = cluster.pid(*VICTIM)
     assert pid is not None
@@ -56,6 +71,11 @@ def test_a_crashed_prefill_server_is_restarted_and_serves_again(cluster):
         assert time.monotonic() < deadline, f"{spec.name} not back; events: {cluster.restarts()}"
         time.sleep(0.5)
     back_after = time.monotonic() - crashed
+    # The new process's sequence numbers start over: the index of the old one is dropped.
+    assert wait_until(lambda: watcher.cache_status()[spec.url]["resets"] >= 1, 30), watcher.cache_status()
+    assert watcher.cache_status()[spec.url]["blocks"] == 0
+    watcher.request({"text": "Indexed after the restart. " * 20, "sampling_params": {"max_new_tokens": 2}})
+    assert wait_until(lambda: watcher.cache_status()[spec.url]["blocks"] > 0, 30), watcher.cache_status()
 
     event = victim_events()[0]
     assert (event.reason, event.outcome) == ("exited with code -9", "restarted"), event
