@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             messages, tokenize=False, add_generation_prompt=True)
         runs = suite.plan(servers, topos, loads, options)
         results = suite.run_all(servers, runs, tokenizer, render, options)
-    measured = None if args.skip_overhead else overhead.measure(args.overhead_requests)
+    measured = None if args.skip_overhead else {**overhead.measure(args.overhead_requests),
+                                                "routing": overhead.measure_routing(min(args.overhead_requests, 300))}
     document = {"setup": setup_record(args, servers, topos, loads), "summary": report.aggregate(results),
                 "results": results, "overhead": measured}
     return _write(document, args.out)

@@ -110,13 +110,17 @@ def test_load_guard_needs_load_beyond_both_margins_and_sane_settings():
 
 
 def test_prefill_cost_keeps_the_prefix_owner_until_recomputing_elsewhere_is_cheaper():
-    policy = PrefillCost(request_tokens=10)
+    policy = PrefillCost(request_tokens=10, recompute_weight=1)
     owner = dict(matched_tokens={A: 900}, prompt_tokens=1000)
     calm = policy.choose(Candidates((A, B), pending={A: 3, B: 0}, queued_tokens={A: 200}, **owner))
     assert (calm.server, calm.rule) == (A, "prefix_match")  # 100 + 200 + 30 < 1000
     busy = policy.choose(Candidates((A, B), pending={A: 3, B: 0}, loads={A: 0}, queued_tokens={A: 950}, **owner))
     assert (busy.server, busy.rule) == (B, "least_work")  # 100 + 950 + 30 > 1000
     assert policy.work(Candidates((A, B), pending={A: 3}, loads={A: 40}, queued_tokens={A: 950}, **owner), A) == 1080
+    # Weighing the recompute (the default 2): B's 900 tokens already cached on A count twice.
+    weighted = PrefillCost(request_tokens=10)
+    assert weighted.work(Candidates((A, B), **owner), B) == 1900
+    assert weighted.choose(Candidates((A, B), pending={A: 3}, queued_tokens={A: 950}, **owner)).server == A
     assert "events" in PrefillCost().choose(Candidates((A,), prompt_tokens=5, index="events")).reason
 
 
@@ -127,7 +131,9 @@ def test_prefill_cost_spreads_new_prefixes_and_an_idle_restarted_server_takes_wo
     assert policy.choose(Candidates((A, B), prompt_tokens=100)).rule == "new_prefix"
     # B restarted empty; A holds every prefix but has a queue longer than one recompute.
     choice = policy.choose(Candidates((A, B), matched_tokens={A: 512}, prompt_tokens=600, pending={A: 8},
-                                      queued_tokens={A: 600}, held_tokens={A: 10_000, B: 0}))
+                                      queued_tokens={A: 1200}, held_tokens={A: 10_000, B: 0}))
     assert choice.server == B
     with pytest.raises(ConfigurationError):
         PrefillCost(request_tokens=-1)
+    with pytest.raises(ConfigurationError):
+        PrefillCost(recompute_weight=0.5)

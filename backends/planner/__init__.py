@@ -9,6 +9,10 @@
   the benchmark's shapes.
 - :class:`Simulator`: a discrete-event model of P prefill + D decode (or colocated) servers
   with queues, batching, radix caches and the adapter's real routing policies.
+- :func:`simulate_routing`: the adapter's real routing (per-client routers on KV events, on
+  approximate records, or one shared router) against many simulated prefill servers' radix
+  caches (:class:`SimRadixCache`, emitting SGLang's KV events), for :func:`routing_workload`
+  token-id workloads: cache hit ratio against the best achievable, and prefix duplication.
 - :func:`plan`: simulate every P:D split of a budget and rank by goodput under TTFT/TPOT SLOs
   (DistServe, OSDI'24; Dynamo's SLA planner), with the launch command of the winner.
 
@@ -31,10 +35,16 @@ Example
 from backends.planner._calibrate import Calibration, calibrate
 from backends.planner._costs import H200_LLAMA8B_EAGER, CostModel
 from backends.planner._plan import SLO, Candidate, Plan, candidate_shapes, plan, summarize
+from backends.planner._radix_sim import SimRadixCache, apply_kv_events, best_cached, union_tokens
+from backends.planner._routing_setups import ROUTING_SETUPS, RoutingSetup, RoutingSimResult
+from backends.planner._routing_sim import simulate_routing
+from backends.planner._routing_workload import RoutingWorkload, routing_workload, scaled_shape, token_text
 from backends.planner._simulator import SimResult, Simulator, make_policy
 from backends.planner._workload import BENCHMARK_SHAPES, Workload
 
 __all__ = [
     "CostModel", "H200_LLAMA8B_EAGER", "Calibration", "calibrate", "Workload", "BENCHMARK_SHAPES",
     "Simulator", "SimResult", "make_policy", "SLO", "Candidate", "Plan", "candidate_shapes", "plan", "summarize",
+    "simulate_routing", "ROUTING_SETUPS", "RoutingSetup", "RoutingSimResult", "RoutingWorkload", "routing_workload",
+    "scaled_shape", "token_text", "SimRadixCache", "apply_kv_events", "best_cached", "union_tokens",
 ]

@@ -28,8 +28,8 @@ Requests are spread over clients at random (a load balancer in front of client p
 from __future__ import annotations
 
 import heapq
+import random
 from collections import Counter
-from dataclasses import dataclass, field
 from math import ceil
 from typing import Callable
 
@@ -39,100 +39,17 @@ from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
 from backends.adapter._kv_routing import EventIndex
 from backends.adapter._kv_wire import LoadStat
-from backends.adapter._policies import CacheAware, LeastLoaded, LoadGuard, Policy, PrefillCost, RoundRobin
+from backends.adapter._policies import LeastLoaded, PrefillCost
 from backends.adapter._prefix_index import PrefixIndex
 from backends.adapter._router import Router
 from backends.adapter._servers import ServerInfo
 from backends.adapter._token_index import TokenIndex
 from backends.planner._costs import CostModel
 from backends.planner._radix_sim import SimRadixCache, apply_kv_events, union_tokens
+from backends.planner._routing_setups import ROUTING_SETUPS, RoutingSetup, RoutingSimResult
 from backends.planner._routing_workload import RoutingWorkload, token_text
 
-__all__ = ["RoutingSetup", "ROUTING_SETUPS", "RoutingSimResult", "simulate_routing"]
-
-
-@dataclass(frozen=True)
-class RoutingSetup:
-    """How clients route: on what they know (``events``), whether they share one router, which policy.
-
-    Attributes
-    ----------
-    events
-        Each client routes on the servers' KV events and published loads (plus its own claims);
-        else on its own approximate record and in-flight counts.
-    shared
-        One router for every client: a single router process (its record and in-flight counts
-        see all traffic), as sglang-router.
-    policy
-        Makes the prefill policy (one per router).
-    """
-
-    name: str
-    events: bool
-    shared: bool
-    policy: Callable[[], Policy]
-    description: str = ""
-
-
-ROUTING_SETUPS: dict[str, RoutingSetup] = {s.name: s for s in (
-    RoutingSetup("events", True, False, PrefillCost,
-                 "per client: token index from KV events + own claims, published loads, PrefillCost"),
-    RoutingSetup("approximate", False, False, PrefillCost,
-                 "per client: own PrefixIndex of what it sent + own in-flight counts, PrefillCost"),
-    RoutingSetup("approximate-guard", False, False, lambda: LoadGuard(CacheAware()),
-                 "per client: own PrefixIndex + in-flight counts, LoadGuard(CacheAware())"),
-    RoutingSetup("router", False, True, lambda: LoadGuard(CacheAware(min_match_ratio=0.3)),
-                 "one shared router (sglang-router cache_aware): PrefixIndex + in-flight counts of all traffic"),
-    RoutingSetup("round-robin", False, False, RoundRobin, "per client round robin: the cache-blind baseline"),
-)}
-
-
-@dataclass(frozen=True)
-class RoutingSimResult:
-    """What one setup achieved on one workload.
-
-    Attributes
-    ----------
-    hit_ratio, best_hit_ratio
-        Prompt tokens found cached over all prompt tokens; the same with each distinct prefix
-        computed once (:attr:`RoutingWorkload.best_cached`).
-    servers_per_prefix
-        Mean over prefix groups with two or more requests (shared-prefix groups, chat sessions,
-        the few-shot block) of the prefill servers that prefilled one of them, so held its prefix.
-    duplication
-        Tokens cached on all servers at the end over distinct tokens among them (1: no copies).
-    ttft_s
-        Per request: arrival to the KV at decode (request overhead, queue, forward, transfer).
-    utilisation
-        Prefill busy time over servers x makespan.
-    rules
-        Prefill placements per policy rule (``prefix_match``, ``new_prefix``, ...).
-    """
-
-    setup: str
-    workload: str
-    prefill: int
-    clients: int
-    hit_ratio: float
-    best_hit_ratio: float
-    servers_per_prefix: float
-    duplication: float
-    ttft_s: np.ndarray = field(repr=False)
-    utilisation: float = 0.0
-    evicted_tokens: int = 0
-    rules: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def of_best(self) -> float:
-        return self.hit_ratio / self.best_hit_ratio if self.best_hit_ratio else float("nan")
-
-    def summary(self) -> dict:
-        """The numbers as plain JSON types."""
-        return {"setup": self.setup, "workload": self.workload, "prefill": self.prefill, "clients": self.clients,
-                "hit_ratio": self.hit_ratio, "best_hit_ratio": self.best_hit_ratio, "of_best": self.of_best,
-                "servers_per_prefix": self.servers_per_prefix, "duplication": self.duplication,
-                "ttft_p50_s": float(np.percentile(self.ttft_s, 50)), "ttft_p99_s": float(np.percentile(self.ttft_s, 99)),
-                "prefill_utilisation": self.utilisation, "evicted_tokens": self.evicted_tokens, "rules": dict(self.rules)}
+__all__ = ["simulate_routing"]
 
 
 class _LoadFeed:
@@ -190,7 +107,7 @@ def simulate_routing(workload: RoutingWorkload, setup: RoutingSetup | str = "eve
     event_lag_s
         From a server's cache insert or load change to every client knowing it.
     seed
-        Which client sends each request.
+        Which client sends each request, and the policies' random round-robin starts.
     """
     setup = ROUTING_SETUPS[setup] if isinstance(setup, str) else setup
     return _Run(workload, setup, prefill, clients, costs or CostModel.h200_llama8b(), capacity_tokens,
@@ -208,7 +125,12 @@ class _Run:
                  "decode": [ServerInfo(f"http://decode-{i}:30000", "decode", "sim", f"decode-{i}") for i in range(prefill)],
                  "colocated": []}
         self.feed, self.indexes = _LoadFeed(self.clock), []
-        routers = [self._router(pools)] if setup.shared else [self._router(pools) for _ in range(clients)]
+        state = random.getstate()  # policies draw their round-robin start from the global generator
+        random.seed(seed)
+        try:
+            routers = [self._router(pools)] if setup.shared else [self._router(pools) for _ in range(clients)]
+        finally:
+            random.setstate(state)
         self.client = np.random.default_rng([seed, 7]).integers(0, clients, len(w)).tolist()
         self.routers = [routers[k % len(routers)] for k in range(clients)]
         mean_ctx = float(np.mean([len(p) for p in w.prompts]) + np.mean(w.output_tokens))

@@ -53,6 +53,8 @@ class FakeServer:
         self.enable_dp_attention = False
         self.load_balance_method = "follow_bootstrap_room" if role == "prefill" else "round_robin"
         self.arrival_delay = 0.0
+        #: The ``kv_events`` block ``/server_info`` advertises (``None``: the server publishes no KV events).
+        self.kv_events: dict | None = None
         self.hold = 0.0
         self.released_by_abort: list[str] = []
         self._held: dict[str, threading.Event] = {}
@@ -85,9 +87,9 @@ class FakeServer:
             mode = {"prefill": "prefill", "decode": "decode"}.get(self.role, "null")
             return 200, {"model_path": self.model, "disaggregation_mode": mode}
         if path == "/server_info":
-            return 200, {"disaggregation_bootstrap_port": self.bootstrap_port, "dp_size": self.dp_size,
-                         "load_balance_method": self.load_balance_method,
-                         "enable_dp_attention": self.enable_dp_attention}
+            info = {"disaggregation_bootstrap_port": self.bootstrap_port, "dp_size": self.dp_size,
+                    "load_balance_method": self.load_balance_method, "enable_dp_attention": self.enable_dp_attention}
+            return 200, info if self.kv_events is None else {**info, "kv_events": self.kv_events}
         if path == "/health":
             return 200, {}
         if path == "/flush_cache":

@@ -145,6 +145,12 @@ def overhead_table(overhead: dict[str, Any]) -> str:
                          f"| {case[path]['cpu_us']:.1f} |")
         lines.append(f"| {case['prompt_chars']} | **added by the adapter** | {case['added_wall_us']:.1f} "
                      f"| {case['added_cpu_us']:.1f} |")
+    routing = overhead.get("routing")
+    if routing:
+        lines += ["", f"Routing CPU per ~{routing['prompt_tokens']}-token prompt ({routing['method']}):", "",
+                  "| index | prompts | routing CPU us/req | request CPU us/req |", "|---|---|---|---|"]
+        lines += [f"| {c['index']} | {c['prompts']} | {c['routing_cpu_us']:.0f} | {c['request_cpu_us']:.0f} |"
+                  for c in routing["cases"]]
     return "\n".join(lines)
 
 
