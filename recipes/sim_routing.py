@@ -20,8 +20,8 @@ the project's ``h200-llama8b-eager-costs.json``). Setups (``--setups``):
 
 Prints per workload and setup: cache hit ratio against the best achievable (each distinct prefix
 computed once), prefill servers holding each shared prefix, cached tokens over distinct tokens,
-simulated TTFT p50/p99 and prefill utilisation; ``--json`` writes the same and the placements
-per policy rule.
+simulated TTFT p50/p99, prefill utilisation and servers never sent anything; ``--json`` writes
+the same and the placements per policy rule.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print(f"{args.prefill} prefill servers, {args.clients} clients, {args.requests} requests per workload, "
           f"page {args.page_size}, costs: {costs.source}")
     header = (f"{'workload':14s} {'setup':18s} {'hit':>6s} {'best':>6s} {'of best':>7s} {'srv/prefix':>10s} "
-              f"{'dup':>5s} {'TTFT p50':>9s} {'p99':>8s} {'util':>5s}")
+              f"{'dup':>5s} {'TTFT p50':>9s} {'p99':>8s} {'util':>5s} {'unused':>6s}")
     print(header)
     print("-" * len(header))
     for name in args.workloads:
@@ -94,9 +94,10 @@ def main(argv=None) -> int:
             rows.append(s)
             print(f"{name:14s} {setup:18s} {s['hit_ratio']:6.3f} {s['best_hit_ratio']:6.3f} {s['of_best']:7.3f} "
                   f"{s['servers_per_prefix']:10.2f} {s['duplication']:5.2f} {s['ttft_p50_s'] * 1e3:7.1f}ms "
-                  f"{s['ttft_p99_s'] * 1e3:6.1f}ms {s['prefill_utilisation']:5.2f}", flush=True)
+                  f"{s['ttft_p99_s'] * 1e3:6.1f}ms {s['prefill_utilisation']:5.2f} {s['unused_servers']:6d}", flush=True)
     print(f"({time.process_time() - started:.0f} s CPU; hit = cached / prompt tokens; srv/prefix = prefill servers "
-          f"that held each shared prefix; dup = cached tokens / distinct cached tokens)")
+          f"that held each shared prefix; dup = cached tokens / distinct cached tokens; util = prefill busy share; "
+          f"unused = prefill servers sent nothing)")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "prefill": args.prefill,

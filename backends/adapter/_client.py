@@ -289,7 +289,7 @@ class PDClient:
         status: dict[str, dict[str, Any]] = {}
         events = self._events.stats() if self._events is not None else {}
         for info in self.pools["prefill"] + self.pools["colocated"]:
-            names = [info.url] + [f"{info.url}#dp{r}" for r in info.serving_ranks if info.dp_ranks > 1]
+            names = [info.url] + [f"{info.url}#dp{r}" for r in range(info.dp_ranks) if info.dp_ranks > 1]
             for name in names:
                 stream = events.get(name)
                 if stream is None and name == info.url and info.dp_ranks > 1:

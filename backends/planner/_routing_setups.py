@@ -72,6 +72,8 @@ class RoutingSimResult:
         Per request: arrival to the KV at decode (request overhead, queue, forward, transfer).
     utilisation
         Prefill busy time over servers x makespan.
+    unused_servers
+        Prefill servers that were sent nothing (a placement rule that never picks them).
     rules
         Prefill placements per policy rule (``prefix_match``, ``new_prefix``, ...).
     """
@@ -86,6 +88,7 @@ class RoutingSimResult:
     duplication: float
     ttft_s: np.ndarray = field(repr=False)
     utilisation: float = 0.0
+    unused_servers: int = 0
     evicted_tokens: int = 0
     rules: dict[str, int] = field(default_factory=dict)
 
@@ -99,4 +102,5 @@ class RoutingSimResult:
                 "hit_ratio": self.hit_ratio, "best_hit_ratio": self.best_hit_ratio, "of_best": self.of_best,
                 "servers_per_prefix": self.servers_per_prefix, "duplication": self.duplication,
                 "ttft_p50_s": float(np.percentile(self.ttft_s, 50)), "ttft_p99_s": float(np.percentile(self.ttft_s, 99)),
-                "prefill_utilisation": self.utilisation, "evicted_tokens": self.evicted_tokens, "rules": dict(self.rules)}
+                "prefill_utilisation": self.utilisation, "unused_servers": self.unused_servers,
+                "evicted_tokens": self.evicted_tokens, "rules": dict(self.rules)}

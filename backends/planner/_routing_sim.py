@@ -274,4 +274,5 @@ class _Run:
             w.best_hit_ratio, float(np.mean(shared)) if shared else float("nan"),
             sum(c.tokens for c in caches) / unique if unique else float("nan"), self.ttft,
             sum(s.busy_time for s in self.servers) / (len(self.servers) * span),
-            sum(c.evicted_tokens for c in caches), dict(self.rules))
+            len(self.servers) - len({s.url for s in self.served}), sum(c.evicted_tokens for c in caches),
+            dict(self.rules))

@@ -20,6 +20,8 @@ import os
 import pytest
 import sglang as sgl
 
+from tests._support import wait_until
+
 from backends import PDBackend, PDCluster, SGLangPDConfig
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -56,6 +58,14 @@ def test_every_request_succeeds_and_a_conversation_hits_its_cache(dp_backend):
     records = dp_backend.metrics.records()
     assert all(r.error is None and r.attempts == 1 for r in records)
     assert all("@dp0:" in r.route_reason for r in records)
+    # Each rank's radix cache publishes its own events: rank 0 holds what was served, rank 1 nothing.
+    url = dp_backend.client.pools["prefill"][0].url
+    assert wait_until(lambda: dp_backend.client.cache_status()[f"{url}#dp0"]["blocks"] > 0, 30)
+    status = dp_backend.client.cache_status()
+    assert set(status) == {f"{url}#dp0", f"{url}#dp1"}
+    assert status[f"{url}#dp0"]["index"] == status[f"{url}#dp1"]["index"] == "events"
+    assert status[f"{url}#dp1"]["blocks"] == 0
+    assert all("events)" in r.route_reason for r in records), [r.route_reason for r in records]
 
 
 @sgl.function
