@@ -1,12 +1,13 @@
 """The routing simulation: simulated radix caches and their KV events, token workloads, and what
 the adapter's real routing achieves on 16 simulated prefill servers (no server is started).
 
-The margins asserted below were measured with this simulation (seed 0, the adapter's policies
-as of this commit): shared-prefix, 2,000 requests, 16 servers x 16 clients: events 0.970 of the
-best hit ratio with each prefix on 1.75 servers, approximate 0.702 on 9.7 servers (5.4 cached
-tokens per distinct one), the shared router 1.00 server per prefix; with 1 client (800
-requests), events and approximate within 0.014 of each other's hit ratio on all three workloads
-and within 0.11 servers per prefix on shared-prefix and multi-turn.
+The margins asserted below were measured with this simulation (seed 0; PrefillCost with 16
+tokens per pending request and recompute weight 2, as well as the earlier 64 and 1):
+shared-prefix, 2,000 requests, 16 servers x 16 clients: events 0.970 of the best hit ratio with
+each prefix on 1.75 servers (1.38 cached tokens per distinct one), approximate 0.703 on 9.3
+servers (5.2), events delayed past the run 0.706 on 9.2, the shared router 0.981 on 1.00; with
+1 client (800 requests) events and approximate within 0.014 of each other's hit ratio on all
+three workloads and within 0.11 servers per prefix on shared-prefix and multi-turn.
 """
 
 from __future__ import annotations

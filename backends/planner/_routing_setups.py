@@ -41,6 +41,11 @@ class RoutingSetup:
     description: str = ""
 
 
+#: The setups compared. ``router`` stands for one sglang-router 0.3.2 ``cache_aware`` process
+#: (``cache_threshold`` 0.3: below that match ratio the smallest tree; ``balance_abs`` 64 /
+#: ``balance_rel`` 1.5 on in-flight counts), approximated by the adapter's own objects: its tree
+#: is a ``PrefixIndex`` (32-character blocks, not characters), and ``LoadGuard`` compares the
+#: pick's load with the least loaded server where sglang-router compares the most and the least.
 ROUTING_SETUPS: dict[str, RoutingSetup] = {s.name: s for s in (
     RoutingSetup("events", True, False, PrefillCost,
                  "per client: token index from KV events + own claims, published loads, PrefillCost"),
