@@ -141,7 +141,7 @@ def test_prefill_cost_spreads_new_prefixes_and_an_idle_restarted_server_takes_wo
 
 def test_a_short_shared_header_does_not_keep_new_conversations_off_the_servers_lacking_it():
     header = dict(matched_tokens={A: 16}, prompt_tokens=128, held_tokens={A: 5000, B: 0})
-    assert PrefillCost().work(Candidates((A, B), **header), B) == 128  # 16/128 < 0.3: no weight
+    new = PrefillCost().choose(Candidates((A, B), **header))  # 16/128 < 0.3: a new prefix
+    assert (new.server, new.rule) == (B, "new_prefix")  # equal work; B's cache is the smaller
+    assert PrefillCost().work(Candidates((A, B), **header), A) == 128
     assert PrefillCost(min_match_ratio=0.1).work(Candidates((A, B), **header), B) == 144
-    busy = PrefillCost().choose(Candidates((A, B), pending={A: 2}, **header))
-    assert busy.server == B  # 112 + 32 on A > 128 on B

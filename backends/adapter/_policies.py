@@ -280,17 +280,17 @@ class PrefillCost:
         KV hand-off, its decode share on a colocated server). Default 16: a
         prefill server batches waiting requests, so their fixed costs overlap.
     recompute_weight
-        Weight of the tokens recomputed because another server holds them,
-        when that server holds at least ``min_match_ratio`` of the prompt.
+        Weight of the tokens recomputed because another server holds them.
         Default 2: leaving the owner costs the recompute now, and again later,
         as the prefix then sits in two caches and the requests that share it
         split between them (measured with the benchmark's multi-turn chat:
         with weight 1, 11 of 48 turns left their conversation's server).
     min_match_ratio
-        Matches shorter than this share of the prompt carry no recompute
-        weight: a chat header every prompt starts with must not keep new
+        When no server holds this share of the prompt, matches are ignored
+        and the prompt is placed as a new prefix (by load, then the smallest
+        cache): a chat header every prompt starts with must not keep new
         conversations off the servers that lack it (in a 16-server simulation
-        it left 5 servers idle). Default 0.3, sglang-router's ``cache_threshold``.
+        it left 5 of 16 servers idle). Default 0.3, sglang-router's ``cache_threshold``.
 
     Raises
     ------
@@ -310,20 +310,25 @@ class PrefillCost:
 
     def work(self, candidates: Candidates, server: str) -> int:
         """Estimated prefill work (tokens) of sending the prompt to ``server``."""
+        matched = self._counted(candidates)
+        held, longest = matched.get(server, 0), max(matched.values(), default=0)
+        return round(candidates.prompt_tokens - held + (self.recompute_weight - 1) * (longest - held)
+                     + candidates.queued_tokens.get(server, 0) + self.request_tokens * candidates.pending.get(server, 0))
+
+    def _counted(self, candidates: Candidates) -> dict[str, int]:
+        """The matches that count: none when no server holds ``min_match_ratio`` of the prompt."""
         matched = candidates.matched_tokens
-        held = matched.get(server, 0)
-        uncached = max(candidates.prompt_tokens - held, 0)
         longest = max((matched.get(s, 0) for s in candidates.servers), default=0)
-        weight = self.recompute_weight - 1 if longest >= self.min_match_ratio * candidates.prompt_tokens else 0
-        return round(uncached + weight * (longest - held) + candidates.queued_tokens.get(server, 0)
-                     + self.request_tokens * candidates.pending.get(server, 0))
+        if not longest or longest < self.min_match_ratio * candidates.prompt_tokens:
+            return {}  # a new prefix (a short shared header at most): placed by load, then cache size
+        return {s: matched.get(s, 0) for s in candidates.servers}
 
     def choose(self, candidates: Candidates) -> Choice:
-        matched = candidates.matched_tokens
+        matched = self._counted(candidates)
         server, key = _lowest(candidates, self._tiebreak, lambda s: (
             self.work(candidates, s), -matched.get(s, 0), candidates.held_tokens.get(s, 0)))
-        hit = matched.get(server, 0)
-        longest = max(matched.get(s, 0) for s in candidates.servers)
+        hit, longest = matched.get(server, 0), max(matched.values(), default=0)
         rule = "prefix_match" if hit and hit == longest else "least_work" if longest else "new_prefix"
-        return Choice(server, f"{rule}(work={key[0]},hit={hit}/{candidates.prompt_tokens},{candidates.index})",
+        shown = candidates.matched_tokens.get(server, 0)
+        return Choice(server, f"{rule}(work={key[0]},hit={shown}/{candidates.prompt_tokens},{candidates.index})",
                       rule)
