@@ -46,12 +46,13 @@ def _wait_ready(child: subprocess.Popen, timeout: float) -> None:
     raise AssertionError("launcher never reported READY")
 
 
-def test_no_server_outlives_its_launcher():
+def test_no_server_outlives_its_launcher(tmp_path):
     ends = {"raise": 30200, "sigint": 30300, "sigkill": 30400}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    errors = {how: open(tmp_path / f"{how}.err", "w") for how in ends}  # noqa: SIM115 - closed below
     children = {
         how: subprocess.Popen([sys.executable, "-c", LAUNCHER, str(port), how], cwd=REPO, env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors[how], text=True)
         for how, port in ends.items()
     }
     try:
@@ -64,7 +65,13 @@ def test_no_server_outlives_its_launcher():
         children["sigint"].send_signal(signal.SIGINT)
         children["sigkill"].kill()
         for how, child in children.items():
-            child.wait(timeout=60)
+            # Stopping waits for each server's SIGTERM (up to its 15 s stop timeout); with the
+            # session cluster's servers on the same 2 cores that has taken over 60 s.
+            try:
+                child.wait(timeout=150)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the {how} launcher did not exit: "
+                                     f"{(tmp_path / f'{how}.err').read_text()[-3000:]}") from None
         assert children["raise"].returncode != 0
         deadline = time.monotonic() + 30  # the SIGKILL case relies on the reaper, which polls
         while any(_servers_on(p) for p in ends.values()) and time.monotonic() < deadline:
@@ -75,6 +82,8 @@ def test_no_server_outlives_its_launcher():
         for child in children.values():
             if child.poll() is None:
                 child.kill()
+        for handle in errors.values():
+            handle.close()
         for port in ends.values():
             for proc in _servers_on(port):
                 proc.kill()
