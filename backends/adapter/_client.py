@@ -27,7 +27,7 @@ from backends.adapter._policies import LeastLoaded, Policy, PrefillCost
 from backends.adapter._prefix_index import PrefixIndex
 from backends.adapter._retry import RetryPolicy
 from backends.adapter._router import Router
-from backends.adapter._servers import ServerInfo, discover_pools
+from backends.adapter._servers import ServerInfo, discover_pools, rank_key
 from backends.adapter._transport import HttpxTransport, Timeouts, Transport
 from backends.errors import BadRequestError, ConfigurationError, PDError, ServerUnavailableError
 
@@ -289,7 +289,7 @@ class PDClient:
         status: dict[str, dict[str, Any]] = {}
         events = self._events.stats() if self._events is not None else {}
         for info in self.pools["prefill"] + self.pools["colocated"]:
-            names = [info.url] + [f"{info.url}#dp{r}" for r in range(info.dp_ranks) if info.dp_ranks > 1]
+            names = [info.url] + [rank_key(info.url, r) for r in range(info.dp_ranks) if info.dp_ranks > 1]
             for name in names:
                 stream = events.get(name)
                 if stream is None and name == info.url and info.dp_ranks > 1:

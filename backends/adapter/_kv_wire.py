@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from backends.adapter._servers import rank_key
 from backends.errors import ConfigurationError
 
 __all__ = ["BlockStored", "BlockRemoved", "AllBlocksCleared", "LoadStat", "EventSource", "decode_batch",
@@ -85,7 +86,7 @@ def decode_batch(payload: bytes) -> tuple[float, list]:
 
 def holder_name(url: str, rank: int, dp_size: int) -> str:
     """The index key of one radix cache: the URL, or ``URL#dpR`` when the server has DP ranks."""
-    return url if dp_size <= 1 else f"{url}#dp{rank}"
+    return url if dp_size <= 1 else rank_key(url, rank)
 
 
 @dataclass(frozen=True)

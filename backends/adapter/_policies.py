@@ -310,7 +310,9 @@ class PrefillCost:
 
     def work(self, candidates: Candidates, server: str) -> int:
         """Estimated prefill work (tokens) of sending the prompt to ``server``."""
-        matched = self._counted(candidates)
+        return self._work(candidates, self._counted(candidates), server)
+
+    def _work(self, candidates: Candidates, matched: dict[str, int], server: str) -> int:
         held, longest = matched.get(server, 0), max(matched.values(), default=0)
         return round(candidates.prompt_tokens - held + (self.recompute_weight - 1) * (longest - held)
                      + candidates.queued_tokens.get(server, 0) + self.request_tokens * candidates.pending.get(server, 0))
@@ -326,7 +328,7 @@ class PrefillCost:
     def choose(self, candidates: Candidates) -> Choice:
         matched = self._counted(candidates)
         server, key = _lowest(candidates, self._tiebreak, lambda s: (
-            self.work(candidates, s), -matched.get(s, 0), candidates.held_tokens.get(s, 0)))
+            self._work(candidates, matched, s), -matched.get(s, 0), candidates.held_tokens.get(s, 0)))
         hit, longest = matched.get(server, 0), max(matched.values(), default=0)
         rule = "prefix_match" if hit and hit == longest else "least_work" if longest else "new_prefix"
         shown = candidates.matched_tokens.get(server, 0)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from backends.adapter._policies import Choice
-from backends.adapter._servers import ServerInfo
+from backends.adapter._servers import ServerInfo, rank_key
 
-__all__ = ["PairTarget", "Route", "rank_key"]
+__all__ = ["PairTarget", "Route"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,6 @@ class PairTarget:
     bootstrap_host: str
     bootstrap_port: int | None
     room_stride: int = 1
-
-
-def rank_key(url: str, rank: int) -> str:
-    """The name a prefill server's DP rank goes by in loads and the prefix record (``URL#dpR``)."""
-    return f"{url}#dp{rank}"
 
 
 @dataclass(frozen=True)

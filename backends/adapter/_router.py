@@ -24,8 +24,8 @@ from backends.adapter._inflight import InFlight
 from backends.adapter._kv_routing import EventIndex
 from backends.adapter._policies import Candidates, Choice, Policy
 from backends.adapter._prefix_index import PrefixIndex
-from backends.adapter._route import Route, rank_key
-from backends.adapter._servers import ServerInfo
+from backends.adapter._route import Route
+from backends.adapter._servers import ServerInfo, rank_key
 
 __all__ = ["Router", "Probe"]
 

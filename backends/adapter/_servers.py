@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from backends.errors import ConfigurationError, PDError
 from backends.adapter._transport import Timeouts, Transport
 
-__all__ = ["Role", "ServerInfo", "normalize_url", "discover", "discover_pools", "describe_server"]
+__all__ = ["Role", "ServerInfo", "rank_key", "normalize_url", "discover", "discover_pools", "describe_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ class ServerInfo:
     #: Prefill and colocated: the server's ``/server_info`` JSON (its KV-event
     #: endpoints, tokenizer settings); empty for decode servers.
     server_args: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def rank_key(url: str, rank: int) -> str:
+    """The name a server's DP rank goes by in loads, prefix records and KV-event indexes (``URL#dpR``)."""
+    return f"{url}#dp{rank}"
 
 
 def normalize_url(url: str) -> str:
