@@ -87,3 +87,35 @@ def test_servers_without_events_route_on_the_approximate_record_and_say_so():
         assert {s["index"] for s in client.cache_status().values()} == {"approximate"}
     finally:
         client.close()
+
+
+def test_a_request_waits_for_the_prefill_of_the_prefix_it_reuses(publishers):
+    """Followers sent while their prefix is still prefilling would compute it again in the same batch."""
+    import threading
+
+    router, events = _router(publishers)
+    try:
+        shared = list(range(2000, 2048))
+        leader = router.route("", shared + [1] * 8)
+        follower = router.route("", shared + [2] * 8)
+        assert follower.prefill.url == leader.prefill.url and follower.leaders == leader.claims
+        waited = []
+        with router.holding(leader) as prefilled:
+            waiter = threading.Thread(target=lambda: waited.append(router.await_prefix(follower, timeout=30)))
+            waiter.start()
+            waiter.join(0.3)
+            assert waiter.is_alive()  # still waiting: the leader is not prefilled
+            prefilled()
+            waiter.join(5)
+        assert not waiter.is_alive() and 0.3 <= waited[0] < 5
+        # The prefix is reusable now: the next request goes at once.
+        assert router.route("", shared + [3] * 8).leaders == []
+        # A leader whose attempt fails releases its followers at once and leaves no claim behind.
+        lone = router.route("", list(range(3000, 3048)))
+        follower = router.route("", list(range(3000, 3040)) + [5] * 8)
+        assert follower.leaders == lone.claims
+        with router.holding(lone):
+            pass
+        assert router.await_prefix(follower, timeout=30) < 1
+    finally:
+        events.close()

@@ -215,3 +215,30 @@ def test_concurrent_use_is_safe():
     for t in threads:
         t.join()
     assert not errors and index.stats(H)["tokens"] <= 5000
+
+
+def test_a_pending_claim_leads_the_requests_that_share_its_prefix():
+    index = TokenIndex(chunk=4)
+    shared = list(range(16))
+    first = index.claim(H, shared + [1] * 8)
+    assert index.leader(H, shared + [2] * 8) is first  # would reuse 16 tokens that are still being computed
+    second = index.claim(H, shared + [2] * 8)
+    assert index.leader(H, shared + [3] * 8) is first  # the shared keys stay with the claim computing them
+    assert not first.done.is_set()
+    index.ready(first)
+    assert first.done.is_set() and index.leader(H, shared + [3] * 8) is None  # prefilled: reusable, no wait
+    index.abandon(second)  # its attempt failed: waiters are released and its own keys forgotten
+    assert second.done.is_set() and index.match(shared + [2] * 8, [H]) == {H: 16}
+
+
+def test_prefixes_confirmed_by_events_lead_nowhere_and_expired_claims_release_their_waiters():
+    clock = Clock()
+    index = TokenIndex(chunk=4, clock=clock)
+    prompt = list(range(20))
+    index.stored(H, list(range(16)), None, prompt[:16], 1)
+    index.claim(H, prompt + [7] * 4)
+    assert index.leader(H, prompt[:16] + [9] * 4) is None  # the server already holds the 16 tokens
+    claim = index.claim(H, [5] * 12, ttl_s=1.0)
+    clock.now += 2
+    index.match([5] * 12, [H])
+    assert claim.done.is_set() and index.leader(H, [5] * 12) is None

@@ -131,8 +131,9 @@ class Engine:
             route = self.router.route(*routing_prompt(body), avoid=avoid, prefer_prefill=prefer_prefill)
             _describe(record, route)
             load, sent_at = ExitStack(), time.monotonic()
-            prefilled = load.enter_context(self.inflight.holding(route))
+            prefilled = load.enter_context(self.router.holding(route))
             try:
+                record.prefix_wait += self.router.await_prefix(route)
                 if route.mode == "pd":
                     room = self._rooms.allocate(batch_size(body) or 1, ranks=route.prefill.dp_ranks,
                                                 rank=route.prefill_rank or 0)

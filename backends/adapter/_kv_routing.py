@@ -115,10 +115,25 @@ class EventIndex:
     def held_tokens(self, name: str) -> int:
         return sum(self.index.size(h) for h in self._holders_of(name))
 
-    def claim(self, name: str, keys: list[int]) -> None:
-        """Count the prompt as cached on ``name`` until events confirm it or ``claim_ttl_s`` passes."""
-        for holder in self._holders_of(name)[:1]:
-            self.index.claim(holder, [], ttl_s=self.claim_ttl_s, keys=keys)
+    def claim(self, name: str, keys: list[int]) -> object | None:
+        """Count the prompt as cached on ``name`` until events confirm it or ``claim_ttl_s`` passes.
+
+        Returns the claim (``None``: nothing claimed), for :meth:`ready` when
+        the prompt is prefilled or :meth:`abandon` when it never will be.
+        """
+        holders = self._holders_of(name)
+        return self.index.claim(holders[0], [], ttl_s=self.claim_ttl_s, keys=keys) if holders else None
+
+    def leader(self, name: str, keys: list[int]) -> object | None:
+        """The claim of a request still prefilling the prefix this prompt would reuse on ``name``, if any."""
+        holders = self._holders_of(name)
+        return self.index.leader(holders[0], [], keys=keys) if holders else None
+
+    def ready(self, claim: object) -> None:
+        self.index.ready(claim)
+
+    def abandon(self, claim: object) -> None:
+        self.index.abandon(claim)
 
     def load(self, name: str) -> PublishedLoad | None:
         """``name``'s freshest published load (summed over its ranks), or ``None`` if none is recent."""

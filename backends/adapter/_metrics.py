@@ -24,6 +24,9 @@ class RequestRecord:
     ``ttft`` is the time to the first token: the first streamed chunk, or for
     a non-streamed pair the prefill leg's answer (SGLang answers the prefill
     leg once the KV has reached decode, right before the first token).
+    ``prefix_wait`` is the part of it spent waiting for another request of
+    this client to finish prefilling the prefix this one reuses
+    (``Router.await_prefix``).
     """
 
     kind: str
@@ -43,6 +46,7 @@ class RequestRecord:
     cached_tokens: int = 0
     error: str | None = None
     failed_servers: list[str] = field(default_factory=list)
+    prefix_wait: float = 0.0
 
     @property
     def time_per_output_token(self) -> float | None:

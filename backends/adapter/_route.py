@@ -52,6 +52,11 @@ class Route:
         Prompt tokens the chosen cache was not known to hold: the prefill work this route queues.
     prefill_rank
         The DP rank of a multi-rank prefill server chosen for the prompt (its room must match).
+    claims
+        The router's token-index claims of this prompt, marked ready when it is prefilled.
+    leaders
+        Claims of requests still prefilling the prefix this route reuses: sent
+        before they end, it would compute the prefix again (``Router.await_prefix``).
     """
 
     mode: Literal["pd", "colocated"]
@@ -64,6 +69,8 @@ class Route:
     index: str = "approximate"
     uncached_tokens: int = 0
     prefill_rank: int | None = None
+    claims: list = field(default_factory=list, repr=False, compare=False)
+    leaders: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def reason(self) -> str:

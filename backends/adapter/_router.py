@@ -16,8 +16,10 @@ in characters; it is converted at ``_CHARS_PER_TOKEN``.
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
@@ -229,7 +231,60 @@ class Router:
         """
         self._record_cached(route, [route.keys])
         if self.events is not None and route.token_keys:
-            self.events.claim(route.cache_holder, route.token_keys)
+            leader = self.events.leader(route.cache_holder, route.token_keys)
+            claim = self.events.claim(route.cache_holder, route.token_keys)
+            route.claims.extend(c for c in (claim,) if c is not None)
+            route.leaders.extend(c for c in (leader,) if c is not None)
+
+    @contextmanager
+    def holding(self, route: Route) -> Iterator[Callable[[], None]]:
+        """Count ``route`` as in flight while the block runs (:meth:`InFlight.holding`).
+
+        Yields ``prefilled()``, to call when the prompt is prefilled: its
+        queued tokens stop counting, and its claim turns from pending (its
+        prefix being computed) to reusable, releasing the requests waiting to
+        reuse it (:meth:`await_prefix`). A route that ends without it
+        abandons its claim. Idempotent.
+        """
+        done = False
+
+        def prefilled() -> None:
+            nonlocal done
+            release()
+            if not done:
+                done = True
+                for claim in route.claims:
+                    self.events.ready(claim)
+
+        with self.inflight.holding(route) as release:
+            try:
+                yield prefilled
+            finally:
+                if not done:
+                    done = True
+                    for claim in route.claims:
+                        self.events.abandon(claim)
+
+    def await_prefix(self, route: Route, timeout: float | None = None) -> float:
+        """Wait until the requests computing the prefix this route reuses are prefilled; seconds waited.
+
+        A request routed to reuse a prefix that another request of this client
+        is still prefilling would, sent now, be batched with it and compute the
+        prefix again (SGLang matches the radix cache when it schedules; a PD
+        prefill server schedules a request only after its bootstrap). Waiting
+        until that prefill ends turns the recompute into a cache hit, as
+        SGLang's own in-batch prefix caching does for one server
+        (``schedule_policy.py``, ``IN_BATCH_PREFIX_CACHING_*``). The wait
+        ends early if that request fails, and at ``timeout`` in any case
+        (default: the claims' lifetime, ``EventIndex.claim_ttl_s``).
+        """
+        if not route.leaders:
+            return 0.0
+        timeout = self.events.claim_ttl_s if timeout is None else timeout
+        started = time.monotonic()
+        for leader in route.leaders:
+            leader.done.wait(max(0.0, started + timeout - time.monotonic()))
+        return time.monotonic() - started
 
     def _record_cached(self, route: Route, key_lists: list[list[int]]) -> None:
         server = (route.prefill or route.colocated).url

@@ -24,8 +24,14 @@ prefix-closed and ``match`` binary-searches the prompt's keys per holder.
 Claims are a speculative overlay, kept apart from the confirmed keys: a prompt
 routed to a holder matches as cached there for ``ttl_s`` (a PD prefill server
 announces blocks only after the KV transfer), and its claim is dropped early
-once events confirm its last key. A claim covers the whole prompt, so the
-overlay keeps the union prefix-closed. Memory is bounded: at most
+once events confirm its last key. Until its request is prefilled a claim is
+*pending*: its prefix is being computed, not yet reusable, and a request that
+shares it and is batched with it computes it again; :meth:`TokenIndex.leader`
+finds the pending claim a new request would reuse, so it can wait for it. A
+key claimed twice stays with the first claim, so followers find the request
+that computes the prefix, not each other. Each key's presence implies the
+whole prefix before it was claimed (keys are chained), so whatever the
+overlay loses, a match never counts tokens nobody claimed. Memory is bounded: at most
 ``max_tokens`` per holder (least recently used leaf runs go first) and
 ``max_claim_keys`` claimed keys overall.
 """
@@ -69,10 +75,16 @@ class _Run:
 
 
 class _Claim:
-    __slots__ = ("holder", "keys", "expires")
+    """A prompt routed to ``holder``: its keys count as cached there until ``expires``.
+
+    ``done`` is set when its prefill ends (``ready``) or the claim is dropped,
+    releasing the requests that wait to reuse its prefix.
+    """
+
+    __slots__ = ("holder", "keys", "expires", "ready", "done")
 
     def __init__(self, holder: str, keys: list[int], expires: float):
-        self.holder, self.keys, self.expires = holder, keys, expires
+        self.holder, self.keys, self.expires, self.ready, self.done = holder, keys, expires, False, threading.Event()
 
 
 class _Holder:
@@ -224,26 +236,58 @@ class TokenIndex:
                         h.runs.move_to_end(run)  # used: evict it last
         return out
 
-    def claim(self, holder: str, token_ids: Sequence[int], ttl_s: float = 5.0, keys: list[int] | None = None) -> None:
-        """Count the prompt as cached on ``holder`` for ``ttl_s`` or until events confirm it."""
+    def claim(self, holder: str, token_ids: Sequence[int], ttl_s: float = 5.0,
+              keys: list[int] | None = None) -> _Claim | None:
+        """Count the prompt as cached on ``holder`` for ``ttl_s`` or until events confirm it.
+
+        Returns the claim, for :meth:`ready` or :meth:`abandon` (``None`` when nothing was claimed).
+        """
         keys = self.keys(token_ids) if keys is None else keys
         if not keys or self.max_claim_keys == 0:
-            return
+            return None
         with self._lock:
             now = self._clock()
             self._expire(now)
             claim = _Claim(holder, keys, now + ttl_s)
             overlay = self._overlay
-            for key in keys:  # a newer claim of the same key takes over
+            for key in keys:  # a key already claimed stays with the claim computing it
                 d = overlay.get(key)
                 if d is None:
                     overlay[key] = {holder: claim}
-                else:
+                elif holder not in d:
                     d[holder] = claim
             heapq.heappush(self._claims, (claim.expires, next(self._tie), claim))
             self._claimed += len(keys)
             while self._claimed > self.max_claim_keys and self._claims:
                 self._drop_claim(heapq.heappop(self._claims)[2])
+        return claim
+
+    def leader(self, holder: str, token_ids: Sequence[int], keys: list[int] | None = None) -> _Claim | None:
+        """The pending claim whose prefill would give this prompt its longest match on ``holder``.
+
+        ``None`` when the match is already reusable (confirmed by events, or its
+        claim prefilled) or there is none.
+        """
+        keys = self.keys(token_ids) if keys is None else keys
+        depth = self.match([], [holder], keys=keys)[holder] // self.chunk
+        if not depth:
+            return None
+        with self._lock:
+            key = keys[depth - 1]
+            if holder in self._table.get(key, _EMPTY):
+                return None
+            claim = self._overlay.get(key, _EMPTY).get(holder)
+            return None if claim is None or claim.ready else claim
+
+    def ready(self, claim: _Claim) -> None:
+        """The claimed prompt is prefilled: its prefix is reusable on its holder; release who waits."""
+        claim.ready = True
+        claim.done.set()
+
+    def abandon(self, claim: _Claim) -> None:
+        """The claimed prompt was never prefilled (its attempt failed): drop the claim, release who waits."""
+        with self._lock:
+            self._drop_claim(claim)
 
     # ---- introspection -----------------------------------------------------------------------
     def holders(self) -> list[str]:
@@ -306,6 +350,7 @@ class TokenIndex:
 
     def _drop_claim(self, claim: _Claim) -> None:
         """Remove a claim's keys; it stays in the heap, where its entries no longer point to it."""
+        claim.done.set()
         if claim.expires is None:
             return
         claim.expires = None

@@ -168,7 +168,7 @@ class _Run:
     def arrive(self, i: int) -> None:
         router, ids = self.routers[self.client[i]], self.w.prompts[i]
         route = router.route("" if self.setup.events else token_text(ids), ids)
-        hold = router.inflight.holding(route)
+        hold = router.holding(route)
         prefilled = hold.__enter__()
         self.rules[route.rule] += 1
         self.live[i] = (router, route, hold, prefilled)
