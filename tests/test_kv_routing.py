@@ -57,6 +57,8 @@ def test_ids_route_to_the_server_whose_events_hold_their_prefix(publishers):
         fresh = router.route("", list(range(500, 540)))
         assert fresh.prefill.url == P1 and fresh.rule == "new_prefix"
         assert events.matched(events.keys(list(range(500, 540))), [P1, P2]) == {P1: 40, P2: 0}
+        # Every cache publishes events: the approximate record is neither consulted nor kept.
+        assert route.keys == [] and router.index.size(P1) == router.index.size(P2) == 0
     finally:
         events.close()
 

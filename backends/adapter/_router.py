@@ -79,13 +79,17 @@ class Router:
         self.policies = policies
         self.colocated_below_tokens = colocated_below_tokens
         self.events = events if events is not None and events.active else None
+        cached = [s.url for role in ("prefill", "colocated") for s in pools.get(role, [])]
+        # Every cache publishes events: the approximate record would never decide, so it is not kept.
+        self._events_only = self.events is not None and self.events.covers(cached)
 
     def probe(self, text: str, ids: Sequence[int] | None = None) -> Probe:
         """Hash the prompt once for every decision of one route."""
         token_ids = self.events.token_ids(text if ids is None else None, ids) if self.events else None
         token_keys = None if token_ids is None else self.events.keys(token_ids)
         tokens = len(token_ids) if token_ids is not None else len(text) // _CHARS_PER_TOKEN
-        return Probe(text, self.index.keys(text), token_keys, tokens)
+        keys = [] if token_keys is not None and self._events_only else self.index.keys(text)
+        return Probe(text, keys, token_keys, tokens)
 
     def _candidates(self, role: str, probe: Probe, avoid: set[str]) -> Candidates:
         urls = [s.url for s in self.pools[role]]
@@ -306,7 +310,10 @@ class Router:
 
     def learned(self, route: Route, texts: list[str] | None = None) -> None:
         """After success: the serving server now caches the prompt(s)."""
-        self._record_cached(route, [route.keys] if texts is None else [self.index.keys(t) for t in texts])
+        if texts is None or not route.keys:  # no approximate keys: routed on events alone
+            self._record_cached(route, [route.keys])
+        else:
+            self._record_cached(route, [self.index.keys(t) for t in texts])
 
 
 def _uncached(candidates: Candidates, server: str) -> int:

@@ -21,30 +21,23 @@ tokens back to the chunk start (``head``), so its first key is the same one a
 prompt computes. Radix caches evict leaves first, so what a holder keeps is
 prefix-closed and ``match`` binary-searches the prompt's keys per holder.
 
-Claims are a speculative overlay, kept apart from the confirmed keys: a prompt
-routed to a holder matches as cached there for ``ttl_s`` (a PD prefill server
-announces blocks only after the KV transfer), and its claim is dropped early
-once events confirm its last key. Until its request is prefilled a claim is
-*pending*: its prefix is being computed, not yet reusable, and a request that
-shares it and is batched with it computes it again; :meth:`TokenIndex.leader`
-finds the pending claim a new request would reuse, so it can wait for it. A
-key claimed twice stays with the first claim, so followers find the request
-that computes the prefix, not each other. Each key's presence implies the
-whole prefix before it was claimed (keys are chained), so whatever the
-overlay loses, a match never counts tokens nobody claimed. Memory is bounded: at most
+Claims (:mod:`._claims`) are a speculative overlay kept apart from the
+confirmed keys: a prompt just routed to a holder matches as cached there until
+events confirm it. Memory is bounded: at most
 ``max_tokens`` per holder (least recently used leaf runs go first) and
 ``max_claim_keys`` claimed keys overall.
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 from array import array
 from collections import Counter, OrderedDict
-from itertools import accumulate, count, repeat
+from itertools import accumulate, repeat
 from typing import Iterable, Sequence
+
+from backends.adapter._claims import Claim, ClaimOverlay
 
 __all__ = ["TokenIndex", "chunk_keys"]
 
@@ -72,19 +65,6 @@ class _Run:
     def __init__(self, start, base, base_key, head, tokens, hashes, block_size, keys, parent):
         self.start, self.base, self.base_key, self.head, self.tokens = start, base, base_key, head, tokens
         self.hashes, self.block_size, self.keys, self.parent, self.children = hashes, block_size, keys, parent, 0
-
-
-class _Claim:
-    """A prompt routed to ``holder``: its keys count as cached there until ``expires``.
-
-    ``done`` is set when its prefill ends (``ready``) or the claim is dropped,
-    releasing the requests that wait to reuse its prefix.
-    """
-
-    __slots__ = ("holder", "keys", "expires", "ready", "done")
-
-    def __init__(self, holder: str, keys: list[int], expires: float):
-        self.holder, self.keys, self.expires, self.ready, self.done = holder, keys, expires, False, threading.Event()
 
 
 class _Holder:
@@ -121,9 +101,7 @@ class TokenIndex:
         self._lock = threading.Lock()
         self._holders: dict[str, _Holder] = {}
         self._table: dict[int, dict[str, _Run]] = {}  # key -> {holder: run completing it}: confirmed
-        self._overlay: dict[int, dict[str, _Claim]] = {}  # key -> {holder: claim}: speculative
-        self._claims: list[tuple[float, int, _Claim]] = []  # heap by expiry
-        self._claimed, self._tie = 0, count()
+        self._claims = ClaimOverlay(max_claim_keys)
 
     def keys(self, token_ids: Sequence[int]) -> list[int]:
         """The prompt's chunk keys; pass them to :meth:`match` and :meth:`claim` to hash once."""
@@ -164,16 +142,14 @@ class TokenIndex:
             keys = chunk_keys(head + tokens, c, base_key)
             run = _Run(start, base, base_key, head, tokens, list(block_hashes), block_size, keys, parent)
             h.where.update(zip(block_hashes, repeat(run)))
-            table, overlay = self._table, self._overlay
+            table, claims = self._table, self._claims
             for key in keys:
                 d = table.get(key)
                 if d is None:
                     table[key] = {holder: run}
                 else:
                     d[holder] = run
-                claim = overlay.get(key, _EMPTY).get(holder) if overlay else None
-                if claim is not None and claim.keys[-1] == key:  # confirmed in full: replaced
-                    self._drop_claim(claim)
+                claims.confirmed(holder, key)
             h.runs[run], h.tokens = None, h.tokens + len(tokens)
             self._bound(holder, h)
             return True
@@ -208,17 +184,15 @@ class TokenIndex:
         """Drop everything about ``holder``, claims included (restarted or removed server)."""
         self.clear(holder)
         with self._lock:
-            for _, _, claim in self._claims:  # dropped claims leave the heap at their expiry time
-                if claim.holder == holder:
-                    self._drop_claim(claim)
+            self._claims.forget(holder)
 
     # ---- routing ---------------------------------------------------------------------------
     def match(self, token_ids: Sequence[int], holders: Iterable[str], keys: list[int] | None = None) -> dict[str, int]:
         """Longest cached prefix of the prompt per holder, in tokens (whole chunks), claims included."""
         keys = self.keys(token_ids) if keys is None else keys
-        table, overlay, c, out, empty = self._table, self._overlay, self.chunk, {}, _EMPTY
+        table, overlay, c, out, empty = self._table, self._claims.by_key, self.chunk, {}, _EMPTY
         with self._lock:
-            self._expire(self._clock())
+            self._claims.expire(self._clock())
             for holder in holders:
                 lo, hi = 0, len(keys)
                 while lo < hi:  # prefix-closed: the largest j whose key the holder has
@@ -237,7 +211,7 @@ class TokenIndex:
         return out
 
     def claim(self, holder: str, token_ids: Sequence[int], ttl_s: float = 5.0,
-              keys: list[int] | None = None) -> _Claim | None:
+              keys: list[int] | None = None) -> Claim | None:
         """Count the prompt as cached on ``holder`` for ``ttl_s`` or until events confirm it.
 
         Returns the claim, for :meth:`ready` or :meth:`abandon` (``None`` when nothing was claimed).
@@ -247,22 +221,10 @@ class TokenIndex:
             return None
         with self._lock:
             now = self._clock()
-            self._expire(now)
-            claim = _Claim(holder, keys, now + ttl_s)
-            overlay = self._overlay
-            for key in keys:  # a key already claimed stays with the claim computing it
-                d = overlay.get(key)
-                if d is None:
-                    overlay[key] = {holder: claim}
-                elif holder not in d:
-                    d[holder] = claim
-            heapq.heappush(self._claims, (claim.expires, next(self._tie), claim))
-            self._claimed += len(keys)
-            while self._claimed > self.max_claim_keys and self._claims:
-                self._drop_claim(heapq.heappop(self._claims)[2])
-        return claim
+            self._claims.expire(now)
+            return self._claims.add(holder, keys, now + ttl_s)
 
-    def leader(self, holder: str, token_ids: Sequence[int], keys: list[int] | None = None) -> _Claim | None:
+    def leader(self, holder: str, token_ids: Sequence[int], keys: list[int] | None = None) -> Claim | None:
         """The pending claim whose prefill would give this prompt its longest match on ``holder``.
 
         ``None`` when the match is already reusable (confirmed by events, or its
@@ -276,18 +238,18 @@ class TokenIndex:
             key = keys[depth - 1]
             if holder in self._table.get(key, _EMPTY):
                 return None
-            claim = self._overlay.get(key, _EMPTY).get(holder)
+            claim = self._claims.by_key.get(key, _EMPTY).get(holder)
             return None if claim is None or claim.ready else claim
 
-    def ready(self, claim: _Claim) -> None:
+    def ready(self, claim: Claim) -> None:
         """The claimed prompt is prefilled: its prefix is reusable on its holder; release who waits."""
         claim.ready = True
         claim.done.set()
 
-    def abandon(self, claim: _Claim) -> None:
+    def abandon(self, claim: Claim) -> None:
         """The claimed prompt was never prefilled (its attempt failed): drop the claim, release who waits."""
         with self._lock:
-            self._drop_claim(claim)
+            self._claims.drop(claim)
 
     # ---- introspection -----------------------------------------------------------------------
     def holders(self) -> list[str]:
@@ -304,7 +266,7 @@ class TokenIndex:
         """``blocks`` and ``tokens`` indexed, ``runs``, ``orphans``, ``duplicates``, ``evicted`` runs, ``claims``."""
         with self._lock:
             h = self._holders.get(holder) or _Holder()
-            claims = sum(1 for _, _, c in self._claims if c.holder == holder and c.expires is not None)
+            claims = self._claims.live(holder)
             return {"blocks": len(h.where), "tokens": h.tokens, "runs": len(h.runs), "orphans": h.orphans,
                     "duplicates": h.duplicates, "evicted": h.evicted, "claims": claims}
 
@@ -343,23 +305,3 @@ class TokenIndex:
                 continue
             self._truncate(holder, h, run, 0)
             h.evicted += 1
-
-    def _expire(self, now: float) -> None:
-        while self._claims and self._claims[0][0] <= now:
-            self._drop_claim(heapq.heappop(self._claims)[2])
-
-    def _drop_claim(self, claim: _Claim) -> None:
-        """Remove a claim's keys; it stays in the heap, where its entries no longer point to it."""
-        claim.done.set()
-        if claim.expires is None:
-            return
-        claim.expires = None
-        self._claimed -= len(claim.keys)
-        table = self._overlay
-        for key in claim.keys:
-            d = table.get(key)
-            if d is not None and d.get(claim.holder) is claim:
-                del d[claim.holder]
-                if not d:
-                    del table[key]
-        claim.keys = []  # its heap entry may outlive it until the expiry time
