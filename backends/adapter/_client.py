@@ -189,8 +189,9 @@ class PDClient:
         are retried on another pair; after it, a break raises
         :class:`~backends.errors.StreamInterruptedError`. Lazy: nothing is
         sent before the first ``next()``; closing the iterator early aborts
-        every leg (PD or colocated). Prompt logprobs are not merged from the
-        prefill leg here (use :meth:`request`).
+        every leg (PD or colocated). Through PD with ``return_logprob``, each
+        chunk gets the prefill leg's prompt logprobs (decode never saw the
+        prompt), so the first chunk waits for that leg's answer.
 
         Raises
         ------

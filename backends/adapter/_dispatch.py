@@ -211,7 +211,13 @@ class Dispatcher:
             try:
                 try:
                     if stream:
-                        yield from self._stream_leg(target.decode, decode_body, deadline, track)
+                        # Decode never saw the prompt: its chunks carry no prompt logprobs, prefill's answer does.
+                        prefill = None
+                        for event in self._stream_leg(target.decode, decode_body, deadline, track):
+                            if body.get("return_logprob"):
+                                prefill = prefill or self._prefill_answer(target, prefill_body, future, deadline)
+                                event = merge_pd_answers(prefill.body, event)
+                            yield event
                         return
                     decode = self._leg(target.decode, decode_body, deadline, track)
                 finally:
@@ -222,18 +228,21 @@ class Dispatcher:
                 if isinstance(decode_error, GeneratorExit):
                     raise
                 raise cause from decode_error
-            try:
-                prefill = future.result(timeout=max(0.1, deadline - time.monotonic()))
-            except FutureTimeout:
-                self.abort(target.prefill, rids_of(prefill_body))
-                raise RequestTimeoutError(f"prefill leg on {target.prefill} never answered", server=target.prefill)
-            except PDError as exc:
-                raise _as_leg_error(exc, target.prefill, PrefillFailedError) from exc
-            yield merge_pd_answers(prefill.body, decode.body)
+            yield merge_pd_answers(self._prefill_answer(target, prefill_body, future, deadline).body, decode.body)
 
         exchange.events = events()
         exchange.abort = abort_both
         return exchange
+
+    def _prefill_answer(self, target: PairTarget, prefill_body: dict, future, deadline: float) -> LegOutcome:
+        """The prefill leg's answer, once decode has answered; its errors as the prefill leg's."""
+        try:
+            return future.result(timeout=max(0.1, deadline - time.monotonic()))
+        except FutureTimeout:
+            self.abort(target.prefill, rids_of(prefill_body))
+            raise RequestTimeoutError(f"prefill leg on {target.prefill} never answered", server=target.prefill) from None
+        except PDError as exc:
+            raise _as_leg_error(exc, target.prefill, PrefillFailedError) from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)  # a queued prefill leg must still run: its decode leg is already sent

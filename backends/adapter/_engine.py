@@ -124,6 +124,7 @@ class Engine:
               prefer_prefill: str | None, check: Callable[[dict], None], *, stream: bool) -> _Opened:
         """Attempts until one yields its first result; a refused or exhausted request is recorded and raised."""
         avoid: set[str] = set()
+        answers: dict[tuple[int, str], str] = {}  # this request's 5xx answers: (status, message) -> server
         track = self.inflight.tracker(program)
 
         def attempt() -> _Opened:
@@ -147,7 +148,7 @@ class Engine:
                                                  server=route.servers[-1])
             except PDError as exc:
                 load.close()
-                self._blame(exc, avoid, record)
+                self._blame(exc, avoid, record, answers)
                 raise
             except BaseException:
                 load.close()
@@ -182,9 +183,27 @@ class Engine:
             server=error.server, status=error.status,
         )
 
-    def _blame(self, error: PDError, avoid: set[str], record: RequestRecord) -> None:
+    def _blame(self, error: PDError, avoid: set[str], record: RequestRecord,
+               answers: dict[tuple[int, str], str]) -> None:
+        """Count a failed attempt against its server, unless it is the request's own.
+
+        A server that *answers* 5xx is alive; when a second attempt gets the
+        same answer, the request caused it (SGLang aborts a request with HTTP
+        500 when, e.g., ``min_new_tokens`` outlasts what its grammar allows:
+        ``FINISH_ABORT("Grammar accept_token failed ...")`` in
+        ``scheduler_components/batch_result_processor.py``): it raises
+        :class:`BadRequestError` and costs no server its standing.
+        """
         if error.server is None or isinstance(error, BadRequestError):
             return
+        if error.status is not None and error.status >= 500:
+            said = (error.status, str(error).split(": ", 1)[-1])
+            first = answers.get(said)
+            if first is not None:
+                raise BadRequestError(f"{error}. {first} answered the same to an earlier attempt, so it is this "
+                                      f"request's own error (fix the request; it was not retried further)",
+                                      server=error.server, status=error.status) from error
+            answers[said] = error.server
         avoid.add(error.server)
         record.failed_servers.append(error.server)
         self.health.record_failure(error.server, str(error), unreachable=error.unreachable)

@@ -7,9 +7,11 @@ pin the instances, on real servers, PD and colocated.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import sglang as sgl
+from sglang.lang.ir import SglSamplingParams
 
 from backends import PDClient, RequestTimeoutError, Timeouts
 from tests.e2e.differential import assert_same, direct, through
@@ -55,8 +57,10 @@ def test_a_batch_with_one_sampling_params_dict_per_item_matches_the_server(clust
     assert reference[0] == "ok" and [len(item["output_ids"]) for item in reference[1]] == [2, 5, 9]
     assert_same(reference, through(colocated_backend.client, body), url=url, body=body, pd=False)
     assert_same(reference, through(pd_backend.client, body), url=url, body=body, pd=True)
+    # One-key dicts (crashed with a plain ValueError) sample at temperature 1: compare the shape only.
     one_key = {**body, "sampling_params": [{"max_new_tokens": n} for n in (2, 5, 9)]}
-    assert_same(direct(url, one_key), through(pd_backend.client, one_key), url=url, body=one_key, pd=True)
+    kind, answer = through(pd_backend.client, one_key)
+    assert kind == "ok" and [len(item["output_ids"]) for item in answer] == [2, 5, 9]
 
 
 @sgl.function
@@ -67,13 +71,45 @@ def _story(s):
 
 def test_a_streamed_gen_gives_each_chunk_only_its_new_logprobs(any_backend):
     # Was the cumulative list in every chunk, which SGLang's frontend concatenates again.
+    params = SglSamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, return_logprob=True)
+    chunks = list(any_backend.generate_stream(SimpleNamespace(text_="Once upon a time", sid=None), params))
+    logprobs = [entry for _, meta in chunks for entry in meta["output_token_logprobs"]]
+    assert len(chunks) > 1 and len(logprobs) == chunks[-1][1]["completion_tokens"] == 24
+    # Through the frontend the text is exact and no logprob repeats. (SGLang's text_async_iter reads only
+    # the latest chunk's meta_info when several chunks arrived between its wake-ups, interpreter.py
+    # 984-998, so a consumer may see fewer than 24: the frontend's race, not the backend's.)
     state = _story.run(stream=True, backend=any_backend)
 
     async def collect():
         return [item async for item in state.text_async_iter("story", return_meta_data=True)]
 
     pieces = asyncio.run(collect())
-    text = "".join(piece for piece, _ in pieces)
-    logprobs = [entry for _, meta in pieces for entry in meta.get("output_token_logprobs", [])]
-    assert text == state["story"] and len(pieces) > 1
-    assert len(logprobs) == state.get_meta_info("story")["completion_tokens"] == 24
+    seen = [entry for _, meta in pieces for entry in meta.get("output_token_logprobs", [])]
+    assert "".join(piece for piece, _ in pieces) == state["story"] and len(seen) <= 24
+
+
+def test_a_streamed_pd_answer_carries_the_prompt_logprobs(cluster, pd_backend):
+    # Found by the harness (100 examples): PD stream chunks had empty input_token_logprobs, as decode
+    # never sees the prompt; the non-streamed answer merged prefill's, the stream did not.
+    body = {"text": " os tide rose,The rose osThe os fellThe rose:) os", "stream": True, "return_logprob": True,
+            "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    url = cluster.colocated_urls[0]
+    reference = direct(url, body)
+    assert len(reference[1]["meta_info"]["input_token_logprobs"]) == reference[1]["meta_info"]["prompt_tokens"]
+    assert_same(reference, through(pd_backend.client, body), url=url, body=body, pd=True)
+
+
+@pytest.mark.parametrize("path", ["pd", "colocated"])
+def test_a_request_its_grammar_cannot_finish_is_refused_without_costing_a_server(path, cluster, pd_backend,
+                                                                                colocated_backend):
+    # Found by the harness (200 examples): SGLang aborts it with HTTP 500 ("Grammar accept_token failed"),
+    # the adapter retried it on every attempt and took the colocated server out of rotation.
+    body = {"text": "Answer:", "sampling_params": {"max_new_tokens": 5, "min_new_tokens": 5, "temperature": 0,
+                                                   "ebnf": 'root ::= "yes" | "no"'}}
+    url = cluster.colocated_urls[0]
+    reference = direct(url, body)
+    assert reference[0] == "refused" and "Grammar accept_token failed" in reference[1]
+    client = (pd_backend if path == "pd" else colocated_backend).client
+    assert_same(reference, through(client, body), url=url, body=body, pd=path == "pd")
+    assert client.metrics.records()[-1].attempts == 2
+    assert all(state["healthy"] for state in client.health().values())
