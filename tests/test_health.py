@@ -73,3 +73,16 @@ def test_the_snapshot_is_a_copy():
 def test_bad_settings_are_refused(options):
     with pytest.raises(ValueError, match="failure_threshold"):
         HealthTracker([P1], probe=lambda url: True, **options)
+
+
+def test_a_forgiven_failure_no_longer_counts_and_returns_a_server_it_took_out():
+    health = HealthTracker([P1], probe=lambda url: False, failure_threshold=2, breaker_cooldown=60)
+    health.record_failure(P1, "HTTP 500: grammar")
+    health.record_failure(P1, "HTTP 500: grammar")
+    assert health.available([P1]) == []
+    health.forgive(P1, "HTTP 500: grammar")  # the request's own error, seen again on the next attempt
+    assert health.available([P1]) == [P1] and health.snapshot()[P1].consecutive_failures == 1
+    health.record_failure(P1, "connection refused", unreachable=True)
+    health.forgive(P1, "HTTP 500: grammar")  # not what took it out this time: it stays out
+    assert health.available([P1]) == []
+    health.close()

@@ -187,3 +187,13 @@ def test_rooms_start_at_a_seeded_offset_and_move_forward_by_what_was_taken():
 def test_a_rank_outside_the_servers_ranks_is_refused(ranks, rank):
     with pytest.raises(ValueError, match="need 0 <= rank < ranks"):
         RoomAllocator(seed=1).allocate(1, ranks=ranks, rank=rank)
+
+
+def test_merge_of_zero_new_tokens_lists_the_sampled_token_only_under_a_grammar_as_a_colocated_server_does():
+    sampled = {"output_token_logprobs": [[-7.5, 1091, None]], "output_token_logprobs_length": 1,
+               "output_top_logprobs": [[]], "completion_tokens": 0}
+    decode = [{"text": "", "output_ids": [], "meta_info": dict(sampled)} for _ in range(2)]
+    merged = merge_pd_answers([_answer("")] * 2, decode, [{"max_new_tokens": 0}, {"max_new_tokens": 0, "regex": "a"}])
+    plain, constrained = (m["meta_info"] for m in merged)
+    assert plain["output_token_logprobs"] == plain["output_top_logprobs"] == [] and plain["output_token_logprobs_length"] == 0
+    assert constrained["output_token_logprobs"] == sampled["output_token_logprobs"]

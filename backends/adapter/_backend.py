@@ -31,7 +31,7 @@ from sglang.lang.ir import SglSamplingParams
 from backends.adapter._chat_template import resolve_chat_template
 from backends.adapter._client import PDClient
 from backends.adapter._metrics import Metrics
-from backends.adapter._payloads import sampling_body
+from backends.adapter._payloads import OUTPUT_LOGPROB_FIELDS, sampling_body
 from backends.adapter._select import decide, healed_logprobs, unconditional_body
 from backends.errors import BadRequestError, ConfigurationError
 
@@ -40,7 +40,6 @@ __all__ = ["PDBackend"]
 #: Per-token lists SGLang's frontend expects one chunk's worth of in each streamed meta_info
 #: (``_INCREMENTAL_STREAMING_META_INFO_KEYS`` in ``sglang/lang/interpreter.py``, which concatenates
 #: them across chunks); the server sends them cumulative.
-_PER_CHUNK_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 class PDBackend(BaseBackend):
@@ -204,7 +203,7 @@ class PDBackend(BaseBackend):
 def _new_logprobs(meta: dict, sent: dict[str, int]) -> dict:
     """``meta`` with each per-token list cut to the entries not yet sent (``sent`` is updated)."""
     meta = dict(meta)
-    for key in _PER_CHUNK_KEYS:
+    for key in OUTPUT_LOGPROB_FIELDS:
         if isinstance(meta.get(key), list):
             full = meta[key]
             meta[key], sent[key] = full[sent.get(key, 0):], len(full)

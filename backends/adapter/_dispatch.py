@@ -216,7 +216,7 @@ class Dispatcher:
                         for event in self._stream_leg(target.decode, decode_body, deadline, track):
                             if body.get("return_logprob"):
                                 prefill = prefill or self._prefill_answer(target, prefill_body, future, deadline)
-                                event = merge_pd_answers(prefill.body, event)
+                                event = merge_pd_answers(prefill.body, event, body.get("sampling_params"))
                             yield event
                         return
                     decode = self._leg(target.decode, decode_body, deadline, track)
@@ -228,7 +228,8 @@ class Dispatcher:
                 if isinstance(decode_error, GeneratorExit):
                     raise
                 raise cause from decode_error
-            yield merge_pd_answers(self._prefill_answer(target, prefill_body, future, deadline).body, decode.body)
+            yield merge_pd_answers(self._prefill_answer(target, prefill_body, future, deadline).body, decode.body,
+                                   body.get("sampling_params"))
 
         exchange.events = events()
         exchange.abort = abort_both

@@ -12,6 +12,7 @@ would repeat text. Every request leaves one :class:`RequestRecord`.
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ class Engine:
               prefer_prefill: str | None, check: Callable[[dict], None], *, stream: bool) -> _Opened:
         """Attempts until one yields its first result; a refused or exhausted request is recorded and raised."""
         avoid: set[str] = set()
-        answers: dict[tuple[int, str], str] = {}  # this request's 5xx answers: (status, message) -> server
+        answers: dict[tuple[int, str], tuple[str, str]] = {}  # this request's 5xx answers -> (server, error)
         track = self.inflight.tracker(program)
 
         def attempt() -> _Opened:
@@ -184,7 +185,7 @@ class Engine:
         )
 
     def _blame(self, error: PDError, avoid: set[str], record: RequestRecord,
-               answers: dict[tuple[int, str], str]) -> None:
+               answers: dict[tuple[int, str], tuple[str, str]]) -> None:
         """Count a failed attempt against its server, unless it is the request's own.
 
         A server that *answers* 5xx is alive; when a second attempt gets the
@@ -197,13 +198,14 @@ class Engine:
         if error.server is None or isinstance(error, BadRequestError):
             return
         if error.status is not None and error.status >= 500:
-            said = (error.status, str(error).split(": ", 1)[-1])
-            first = answers.get(said)
-            if first is not None:
+            said = (error.status, re.split(r"answered HTTP \d+: ", str(error), maxsplit=1)[-1])
+            if said in answers:
+                first, counted = answers[said]
+                self.health.forgive(first, counted)
                 raise BadRequestError(f"{error}. {first} answered the same to an earlier attempt, so it is this "
                                       f"request's own error (fix the request; it was not retried further)",
                                       server=error.server, status=error.status) from error
-            answers[said] = error.server
+            answers[said] = (error.server, str(error))
         avoid.add(error.server)
         record.failed_servers.append(error.server)
         self.health.record_failure(error.server, str(error), unreachable=error.unreachable)

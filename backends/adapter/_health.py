@@ -107,6 +107,17 @@ class HealthTracker:
                 logger.warning("taking %s out of rotation: %s", url, error)
                 self._ensure_prober()
 
+    def forgive(self, url: str, error: str) -> None:
+        """Take back one failure counted for ``error``: it proved to be the request's own, not the server's."""
+        with self._lock:
+            state = self._state.get(url)
+            if state is None or state.consecutive_failures == 0:
+                return
+            state.consecutive_failures -= 1
+            if not state.healthy and state.last_error == error and state.consecutive_failures < self._threshold:
+                state.healthy = True
+                logger.info("%s back in rotation: the failure that took it out was a request's own", url)
+
     def _ensure_prober(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="pd-health-prober", daemon=True)

@@ -20,13 +20,15 @@ from sglang.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SglSam
 
 from backends.errors import BadRequestError
 
-__all__ = ["sampling_body", "sampling_items", "check_sampling", "batch_size", "routing_prompt", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator"]
+__all__ = ["sampling_body", "sampling_items", "check_sampling", "batch_size", "routing_prompt", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator",
+           "OUTPUT_LOGPROB_FIELDS"]
 
 _LOGPROB_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
 _DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": REGEX_FLOAT,
                 str: REGEX_STR, "str": REGEX_STR, bool: REGEX_BOOL, "bool": REGEX_BOOL}
 # Prompt-side logprob fields: only the prefill leg computes them.
 _PROMPT_LOGPROB_FIELDS = ("input_token_logprobs", "input_top_logprobs", "input_token_ids_logprobs")
+OUTPUT_LOGPROB_FIELDS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 def sampling_body(sampling_params: SglSamplingParams) -> dict[str, Any]:
@@ -142,20 +144,33 @@ def rids_of(body: dict[str, Any]) -> list[str]:
     return list(rid) if isinstance(rid, list) else [rid]
 
 
-def merge_pd_answers(prefill: Any, decode: Any) -> Any:
+def merge_pd_answers(prefill: Any, decode: Any, sampling: Any = None) -> Any:
     """Decode's answer with prefill's prompt logprobs put first.
 
     Decode's own prompt-logprob lists are empty (it never saw the prompt), so
-    the merged lists equal what a colocated server returns.
+    the merged lists equal what a colocated server returns. With
+    ``max_new_tokens=0`` a PD decode server still lists the token prefill
+    sampled, where a colocated server lists it only under a grammar
+    (``regex``/``json_schema``/``ebnf``; measured on SGLang 0.5.23): the
+    output lists are cut to match. ``sampling`` is the request's
+    ``sampling_params`` (a dict, or one per batch item).
     """
     if isinstance(decode, list):
-        return [merge_pd_answers(p, d) for p, d in zip(prefill, decode)]
+        per_item = sampling if isinstance(sampling, list) else [sampling] * len(decode)
+        return [merge_pd_answers(p, d, s) for p, d, s in zip(prefill, decode, per_item)]
     merged = copy.copy(decode)
     meta = dict(decode.get("meta_info", {}))
     prefill_meta = prefill.get("meta_info", {}) if isinstance(prefill, dict) else {}
     for name in _PROMPT_LOGPROB_FIELDS:
         if name in prefill_meta and prefill_meta[name] is not None:
             meta[name] = list(prefill_meta[name]) + list(meta.get(name) or [])
+    constrained = isinstance(sampling, dict) and any(sampling.get(k) for k in ("regex", "json_schema", "ebnf"))
+    if meta.get("completion_tokens") == 0 and not constrained:
+        for name in OUTPUT_LOGPROB_FIELDS:
+            if isinstance(meta.get(name), list):
+                meta[name] = []
+        if "output_token_logprobs_length" in meta:
+            meta["output_token_logprobs_length"] = 0
     merged["meta_info"] = meta
     return merged
 

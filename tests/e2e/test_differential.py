@@ -5,7 +5,7 @@ Hypothesis draws bodies over what SGLang 0.5.23's ``/generate`` accepts
 with per-item parameters, text or input_ids, streaming on and off) and
 :mod:`tests.e2e.differential` asserts one outcome on all three paths.
 Seeded (``derandomize``) and bounded so CI stays short: ``SGLPD_DIFF_EXAMPLES``
-(default 25) examples; ``HYPOTHESIS_PROFILE=nightly`` runs 400. Every failure
+(default 60) examples; ``HYPOTHESIS_PROFILE=nightly`` runs 400. Every failure
 it finds becomes a plain regression test in ``test_differential_regressions.py``.
 """
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.e2e.differential import assert_same, direct, through
 
-settings.register_profile("ci", max_examples=int(os.environ.get("SGLPD_DIFF_EXAMPLES", 25)), derandomize=True,
+settings.register_profile("ci", max_examples=int(os.environ.get("SGLPD_DIFF_EXAMPLES", 60)), derandomize=True,
                           deadline=None, phases=[Phase.explicit, Phase.generate],
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.register_profile("nightly", parent=settings.get_profile("ci"), max_examples=400)

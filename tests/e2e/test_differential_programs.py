@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from tests.e2e.differential import TIE_GAP
 
-settings.register_profile("programs-ci", max_examples=int(os.environ.get("SGLPD_DIFF_PROGRAMS", 15)),
+settings.register_profile("programs-ci", max_examples=int(os.environ.get("SGLPD_DIFF_PROGRAMS", 25)),
                           derandomize=True, deadline=None, phases=[Phase.explicit, Phase.generate],
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.register_profile("programs-nightly", parent=settings.get_profile("programs-ci"), max_examples=200)

@@ -113,3 +113,13 @@ def test_a_request_its_grammar_cannot_finish_is_refused_without_costing_a_server
     assert_same(reference, through(client, body), url=url, body=body, pd=path == "pd")
     assert client.metrics.records()[-1].attempts == 2
     assert all(state["healthy"] for state in client.health().values())
+
+
+def test_zero_new_tokens_through_pd_lists_no_output_logprob(cluster, pd_backend):
+    # Found by the harness (400 examples): a PD decode server lists the token prefill sampled.
+    body = {"input_ids": [108, 147, 2573, 5], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0}}
+    url = cluster.colocated_urls[0]
+    reference = direct(url, body)
+    assert reference[1]["meta_info"]["output_token_logprobs"] == []
+    assert_same(reference, through(pd_backend.client, body), url=url, body=body, pd=True)
