@@ -123,3 +123,16 @@ def test_zero_new_tokens_through_pd_lists_no_output_logprob(cluster, pd_backend)
     reference = direct(url, body)
     assert reference[1]["meta_info"]["output_token_logprobs"] == []
     assert_same(reference, through(pd_backend.client, body), url=url, body=body, pd=True)
+
+
+def test_a_custom_logit_processor_gets_the_servers_own_answer_through_pd(cluster, pd_backend):
+    # Passed through, like every /generate field: the suite's servers run without
+    # --enable-custom-logit-processor, so both paths carry the server's refusal.
+    from sglang.srt.sampling.custom_logit_processor import DisallowedTokensLogitsProcessor
+
+    body = {"text": "Hello", "custom_logit_processor": DisallowedTokensLogitsProcessor().to_str(),
+            "sampling_params": {"max_new_tokens": 3, "temperature": 0, "custom_params": {"token_ids": [5]}}}
+    url = cluster.colocated_urls[0]
+    reference = direct(url, body)
+    assert reference[0] == "refused" and "enable-custom-logit-processor" in reference[1]
+    assert_same(reference, through(pd_backend.client, body), url=url, body=body, pd=True)
