@@ -48,6 +48,7 @@ from backends.errors import (
     DecodeFailedError,
     NoHealthyServerError,
     PDError,
+    PoisonRequestError,
     PrefillFailedError,
     RequestTimeoutError,
     ServerUnavailableError,
@@ -81,6 +82,6 @@ __all__ = [
     "RouterPortTaken", "router_argv", "ROUTER_MODULE", "ensure_tiny_model", "is_tiny_model",
     "PREFILL_BOUND_MODEL", "TINY_MODEL",
     # errors
-    "PDError", "ConfigurationError", "BadRequestError", "ServerUnavailableError", "PrefillFailedError",
+    "PDError", "ConfigurationError", "BadRequestError", "PoisonRequestError", "ServerUnavailableError", "PrefillFailedError",
     "DecodeFailedError", "NoHealthyServerError", "RequestTimeoutError", "StreamInterruptedError", "ClusterStartError",
 ]

@@ -11,6 +11,7 @@ its message.
     PDError
     ├── ConfigurationError        wrong role, mixed models, bad setting (also ValueError)
     ├── BadRequestError           the server refused the request (4xx); never retried (also ValueError)
+    │   └── PoisonRequestError    two servers died during the request's attempts: not sent again
     ├── ServerUnavailableError    a failure another server may not have; retried on another pair
     │   ├── PrefillFailedError    the prefill leg failed (connection, 5xx, lost peer)
     │   ├── DecodeFailedError     the decode leg failed
@@ -57,6 +58,18 @@ class ConfigurationError(PDError, ValueError):
 
 class BadRequestError(PDError, ValueError):
     """The server rejected the request itself; sending it elsewhere cannot help."""
+
+
+class PoisonRequestError(BadRequestError):
+    """Servers died while this request was on them, twice: it is likely an input they cannot survive.
+
+    Raised instead of a third attempt, so an unknown poison input costs at most
+    two servers rather than every server of the pool. ``servers`` lists the ones lost.
+    """
+
+    def __init__(self, message: str, *, servers: list[str]):
+        super().__init__(message, server=servers[-1] if servers else None)
+        self.servers = list(servers)
 
 
 class ServerUnavailableError(PDError):

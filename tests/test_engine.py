@@ -2,7 +2,8 @@
 
 import pytest
 
-from backends.errors import BadRequestError
+from backends.adapter._retry import RetryPolicy
+from backends.errors import BadRequestError, PoisonRequestError
 from backends.testing import FakeServer
 from tests._support import C1, D1, P1, make_client
 
@@ -151,3 +152,38 @@ def test_the_same_5xx_answer_twice_is_the_requests_own_error_and_costs_no_server
     assert client.request({"text": "hi", "sampling_params": {"max_new_tokens": 2}})["text"]
     assert len(client.metrics.records()[-1].failed_servers) == 2
     client.close()
+
+
+def _dies_on(marker: str, server: FakeServer):
+    """A server that crashes on requests whose prompt holds ``marker``: the connection breaks, then refuses."""
+    dead = []
+
+    def handler(method, path, body):
+        if dead:
+            raise ConnectionRefusedError("nothing listening")
+        if path == "/generate" and marker in str(body.get("text", "")):
+            dead.append(True)
+            raise ConnectionResetError("peer closed the connection")
+        return server(method, path, body)
+
+    return handler, dead
+
+
+def test_an_unknown_poison_input_costs_at_most_two_servers_and_says_so():
+    servers = {f"http://c{i}:1": FakeServer("colocated") for i in range(4)}
+    client, transport = make_client(servers, retry=RetryPolicy(max_attempts=4, backoff=0.0, max_backoff=0.0))
+    deaths = {}
+    for url, server in servers.items():
+        transport.servers[url], deaths[url] = _dies_on("POISON", server)
+    with pytest.raises(PoisonRequestError, match="servers died during two attempts.*text of 10 characters") as caught:
+        client.request({"text": "POISON now", "sampling_params": {"max_new_tokens": 2}})
+    assert len(caught.value.servers) == 2 and sum(bool(d) for d in deaths.values()) == 2  # the other two live
+    assert isinstance(caught.value, BadRequestError)
+    # An innocent request whose server died (SIGKILL) under it is still retried and served.
+    client2, transport2 = make_client({"http://a:1": FakeServer("colocated"), "http://b:1": FakeServer("colocated")})
+    transport2.servers["http://a:1"], a_died = _dies_on("hello", FakeServer("colocated"))
+    answers = [client2.request({"text": f"hello {i}", "sampling_params": {"max_new_tokens": 2}}) for i in range(6)]
+    assert a_died and all(answer["text"] for answer in answers)
+    assert any(record.failed_servers == ["http://a:1"] for record in client2.metrics.records())
+    client.close()
+    client2.close()

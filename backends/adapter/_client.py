@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 from backends.adapter._dispatch import Dispatcher
 from backends.adapter._engine import Delivered, Engine
-from backends.adapter._health import HealthTracker
+from backends.adapter._health import HealthTracker, refuses_connections
 from backends.adapter._inflight import InFlight
 from backends.adapter._kv_routing import EventIndex
 from backends.adapter._metrics import Metrics
@@ -141,7 +141,8 @@ class PDClient:
         )
         self.metrics.watch_cache(self.cache_status)
         self._dispatcher = Dispatcher(self._transport, self.timeouts, max_pairs=max_pairs)
-        self._engine = Engine(self._router, self._dispatcher, self._inflight, self._health, self.retry, self.metrics)
+        self._engine = Engine(self._router, self._dispatcher, self._inflight, self._health, self.retry, self.metrics,
+                              died=lambda url: refuses_connections(self._transport, url))
 
     @property
     def servers(self) -> list[ServerInfo]:

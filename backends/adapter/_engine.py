@@ -22,7 +22,7 @@ from backends.adapter._dispatch import Dispatcher, Exchange
 from backends.adapter._health import HealthTracker
 from backends.adapter._inflight import InFlight
 from backends.adapter._metrics import Metrics, RequestRecord
-from backends.adapter._payloads import RoomAllocator, batch_size, routing_prompt
+from backends.adapter._payloads import RoomAllocator, batch_size, describe_shape, routing_prompt
 from backends.adapter._retry import RetryPolicy
 from backends.adapter._route import Route
 from backends.adapter._router import Router
@@ -31,7 +31,9 @@ from backends.errors import (
     DecodeFailedError,
     NoHealthyServerError,
     PDError,
+    PoisonRequestError,
     PrefillFailedError,
+    RequestTimeoutError,
     ServerUnavailableError,
     StreamInterruptedError,
 )
@@ -68,13 +70,14 @@ class Engine:
     """
 
     def __init__(self, router: Router, dispatcher: Dispatcher, inflight: InFlight, health: HealthTracker,
-                 retry: RetryPolicy, metrics: Metrics) -> None:
+                 retry: RetryPolicy, metrics: Metrics, died: Callable[[str], bool] = lambda url: False) -> None:
         self.router = router
         self.dispatcher = dispatcher
         self.inflight = inflight
         self.health = health
         self.retry = retry
         self.metrics = metrics
+        self._died = died
         self._rooms = RoomAllocator()
 
     def send(self, kind: str, body: dict, *, program: str | None = None, prefer_prefill: str | None = None,
@@ -126,6 +129,7 @@ class Engine:
         """Attempts until one yields its first result; a refused or exhausted request is recorded and raised."""
         avoid: set[str] = set()
         answers: dict[tuple[int, str], tuple[str, str]] = {}  # this request's 5xx answers -> (server, error)
+        lost: list[str] = []  # servers that died while this request was on them
         track = self.inflight.tracker(program)
 
         def attempt() -> _Opened:
@@ -150,6 +154,7 @@ class Engine:
             except PDError as exc:
                 load.close()
                 self._blame(exc, avoid, record, answers)
+                self._contain(exc, lost, body)
                 raise
             except BaseException:
                 load.close()
@@ -183,6 +188,27 @@ class Engine:
             "Check the servers' logs; they return to rotation once /health passes.",
             server=error.server, status=error.status,
         )
+
+    def _contain(self, error: PDError, lost: list[str], body: dict) -> None:
+        """Stop retrying a request that servers die under: an unknown poison input must not take the pool.
+
+        A connection that broke (not refused, not timed out, no HTTP answer),
+        to a server that then refuses connections, means the server died
+        during this attempt. The request gets one more attempt; if a server
+        dies under that one too, :class:`PoisonRequestError` ends it.
+        """
+        if error.server is None or error.status is not None or error.unreachable:
+            return
+        if isinstance(error, (BadRequestError, RequestTimeoutError)) or not self._died(error.server):
+            return
+        lost.append(error.server)
+        self.health.record_failure(error.server, f"died during a request: {error}", unreachable=True)
+        if len(lost) >= 2:
+            raise PoisonRequestError(
+                f"servers died during two attempts of this request ({', '.join(lost)}): it is likely an input "
+                f"SGLang cannot survive, so it was not sent again. Request: {describe_shape(body)}. Check the "
+                f"servers' logs for the crash; if it is an input, it can be added to the adapter's checks",
+                servers=lost) from error
 
     def _blame(self, error: PDError, avoid: set[str], record: RequestRecord,
                answers: dict[tuple[int, str], tuple[str, str]]) -> None:

@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["ServerHealth", "HealthTracker"]
+from backends.adapter._transport import Timeouts, Transport
+from backends.errors import PDError
+
+__all__ = ["ServerHealth", "HealthTracker", "refuses_connections"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +171,22 @@ class HealthTracker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def refuses_connections(transport: Transport, url: str, within: float = 2.0) -> bool:
+    """Whether ``url`` refuses connections within ``within`` seconds (its process is gone).
+
+    Asked right after a connection to it broke: a server that answers
+    ``/health`` is alive (a stale keep-alive broke), one that refuses died;
+    one that does neither is slow or frozen, not dead.
+    """
+    deadline, probe = time.monotonic() + within, Timeouts(connect=0.5, first_byte=1.0, total=1.0)
+    while time.monotonic() < deadline:
+        try:
+            transport.request("GET", f"{url}/health", timeouts=probe)
+            return False
+        except PDError as exc:
+            if exc.unreachable:
+                return True
+        time.sleep(0.1)
+    return False

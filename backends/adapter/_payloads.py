@@ -21,7 +21,7 @@ from sglang.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SglSam
 from backends.errors import BadRequestError
 
 __all__ = ["sampling_body", "sampling_items", "check_sampling", "batch_size", "routing_prompt", "with_rids", "with_bootstrap", "rids_of", "merge_pd_answers", "RoomAllocator",
-           "OUTPUT_LOGPROB_FIELDS"]
+           "OUTPUT_LOGPROB_FIELDS", "describe_shape"]
 
 _LOGPROB_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
 _DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": REGEX_FLOAT,
@@ -142,6 +142,24 @@ def rids_of(body: dict[str, Any]) -> list[str]:
     if rid is None:
         return []
     return list(rid) if isinstance(rid, list) else [rid]
+
+
+def describe_shape(body: dict[str, Any]) -> str:
+    """A body's shape for error messages, without its content: prompt kind and sizes, option names."""
+    parts = []
+    for key in ("text", "input_ids"):
+        value = body.get(key)
+        if isinstance(value, str):
+            parts.append(f"text of {len(value)} characters")
+        elif isinstance(value, list) and value and isinstance(value[0], (list, str)):
+            parts.append(f"{key} batch of {len(value)} ({', '.join(str(len(v)) for v in value[:8])}"
+                         f"{', ...' if len(value) > 8 else ''})")
+        elif isinstance(value, list):
+            parts.append(f"{key} of {len(value)} tokens")
+    options = sorted({k for _, item in sampling_items(body) if isinstance(item, dict) for k in item})
+    extras = sorted(k for k in body if k not in ("text", "input_ids", "sampling_params", "rid", "stream"))
+    return "; ".join(parts + [f"sampling_params {options}" if options else "", f"fields {extras}" if extras else ""]
+                     ).strip("; ").replace("; ; ", "; ")
 
 
 def merge_pd_answers(prefill: Any, decode: Any, sampling: Any = None) -> Any:

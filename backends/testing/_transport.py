@@ -26,7 +26,8 @@ __all__ = ["Handler", "InMemoryTransport"]
 
 #: ``handler(method, path, json_body)`` returns ``(status, body)``; for a stream
 #: request ``body`` may be a list of events. Raising ``ConnectionError`` plays
-#: a dead server.
+#: a dead server (a refused connection); ``ConnectionResetError`` one that dies
+#: during the request (the connection breaks).
 Handler = Callable[[str, str, Any], tuple[int, Any]]
 
 
@@ -48,6 +49,8 @@ class InMemoryTransport:
             raise ServerUnavailableError(f"cannot reach {url}: nothing listening", server=base, unreachable=True)
         try:
             status, body = handler(method, parts.path, json_body)
+        except ConnectionResetError as exc:  # the server went away mid-request (as httpx's ReadError)
+            raise ServerUnavailableError(f"connection to {url} broke: {exc!r}", server=base) from exc
         except ConnectionError as exc:
             raise ServerUnavailableError(f"cannot reach {url}: {exc!r}", server=base, unreachable=True) from exc
         return base, status, body
