@@ -30,6 +30,7 @@ from backends.adapter import (
     RandomChoice,
     RequestRecord,
     Response,
+    HedgePolicy,
     RetryPolicy,
     RoundRobin,
     Route,
@@ -74,7 +75,7 @@ from backends.launcher import (
 __all__ = [
     # adapter
     "PDBackend", "PDClient", "Delivered", "Route", "Policy", "Candidates", "Choice", "CacheAware", "LoadGuard", "PrefillCost",
-    "LeastLoaded", "SmallestCache", "RoundRobin", "RandomChoice", "RetryPolicy", "Timeouts", "Transport",
+    "LeastLoaded", "SmallestCache", "RoundRobin", "RandomChoice", "RetryPolicy", "HedgePolicy", "Timeouts", "Transport",
     "HttpxTransport", "Response", "ServerInfo", "describe_server", "parse_sse_line", "sampling_body", "Metrics",
     "RequestRecord",
     # launcher

@@ -25,6 +25,7 @@ from backends.adapter._policies import (
     RoundRobin,
     SmallestCache,
 )
+from backends.adapter._hedge import HedgePolicy
 from backends.adapter._retry import RetryPolicy
 from backends.adapter._route import Route
 from backends.adapter._servers import ServerInfo, describe_server
@@ -46,6 +47,7 @@ __all__ = [
     "RoundRobin",
     "RandomChoice",
     "RetryPolicy",
+    "HedgePolicy",
     "Timeouts",
     "Transport",
     "HttpxTransport",

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 from backends.adapter._dispatch import Dispatcher
 from backends.adapter._engine import Delivered, Engine
 from backends.adapter._health import HealthTracker, refuses_connections
+from backends.adapter._hedge import HedgePolicy
 from backends.adapter._inflight import InFlight
 from backends.adapter._kv_routing import EventIndex
 from backends.adapter._metrics import Metrics
@@ -75,6 +76,8 @@ class PDClient:
         before the first probe of a server whose breaker opened.
     max_pairs : int
         Requests in flight at once through this client.
+    hedge : HedgePolicy, optional
+        Send a second pair when a PD request's prefill is late (off by default).
 
     Raises
     ------
@@ -103,6 +106,7 @@ class PDClient:
         breaker_cooldown: float = 10.0,
         max_pairs: int = 256,
         kv_events: bool = True,
+        hedge: HedgePolicy | None = None,
     ) -> None:
         if colocated_below_tokens is not None and colocated_below_tokens < 0:
             raise ConfigurationError(f"colocated_below_tokens must be >= 0 or None, got {colocated_below_tokens}")
@@ -142,7 +146,7 @@ class PDClient:
         self.metrics.watch_cache(self.cache_status)
         self._dispatcher = Dispatcher(self._transport, self.timeouts, max_pairs=max_pairs)
         self._engine = Engine(self._router, self._dispatcher, self._inflight, self._health, self.retry, self.metrics,
-                              died=lambda url: refuses_connections(self._transport, url))
+                              died=lambda url: refuses_connections(self._transport, url), hedge=hedge)
 
     @property
     def servers(self) -> list[ServerInfo]:
@@ -320,6 +324,7 @@ class PDClient:
         self._health.close()
         if self._events is not None:
             self._events.close()
+        self._engine.close()
         self._dispatcher.close()
         self._transport.close()
 

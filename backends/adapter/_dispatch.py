@@ -198,9 +198,9 @@ class Dispatcher:
             if exchange.prefill is not None and not exchange.prefill.done():
                 self.abort_until_answered(target.prefill, rids_of(prefill_body), prefill_answered, deadline)
 
-        def abort_both() -> None:
-            abort_prefill()
+        def abort_both() -> None:  # decode first: a frozen prefill server makes its abort wait for the timeout
             self.abort(target.decode, rids_of(decode_body))
+            abort_prefill()
 
         def events() -> Iterator[Any]:
             future = self._pool.submit(self._leg, target.prefill, prefill_body, deadline, track)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from backends.adapter._dispatch import Dispatcher, Exchange
 from backends.adapter._health import HealthTracker
+from backends.adapter._hedge import Hedger, HedgePolicy
 from backends.adapter._inflight import InFlight
 from backends.adapter._metrics import Metrics, RequestRecord
 from backends.adapter._payloads import RoomAllocator, batch_size, describe_shape, routing_prompt
@@ -70,7 +73,8 @@ class Engine:
     """
 
     def __init__(self, router: Router, dispatcher: Dispatcher, inflight: InFlight, health: HealthTracker,
-                 retry: RetryPolicy, metrics: Metrics, died: Callable[[str], bool] = lambda url: False) -> None:
+                 retry: RetryPolicy, metrics: Metrics, died: Callable[[str], bool] = lambda url: False,
+                 hedge: HedgePolicy | None = None) -> None:
         self.router = router
         self.dispatcher = dispatcher
         self.inflight = inflight
@@ -79,6 +83,14 @@ class Engine:
         self.metrics = metrics
         self._died = died
         self._rooms = RoomAllocator()
+        self.hedger = Hedger(hedge) if hedge is not None else None
+        # Attempts of hedged requests run here, so the caller can wait on two; a loser whose prefill
+        # is frozen holds its thread until its deadline, hence the room.
+        self._pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="pd-hedge") if hedge else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def send(self, kind: str, body: dict, *, program: str | None = None, prefer_prefill: str | None = None,
              check: Callable[[dict], None] = lambda body: None) -> Delivered:
@@ -132,9 +144,9 @@ class Engine:
         lost: list[str] = []  # servers that died while this request was on them
         track = self.inflight.tracker(program)
 
-        def attempt() -> _Opened:
+        def attempt(late: frozenset[str] = frozenset(), slot: _Slot | None = None) -> _Opened:
             record.attempts += 1
-            route = self.router.route(*routing_prompt(body), avoid=avoid, prefer_prefill=prefer_prefill)
+            route = self.router.route(*routing_prompt(body), avoid=avoid | late, prefer_prefill=prefer_prefill)
             _describe(record, route)
             load, sent_at = ExitStack(), time.monotonic()
             prefilled = load.enter_context(self.router.holding(route))
@@ -146,6 +158,8 @@ class Engine:
                     exchange = self.dispatcher.pair(route.target, body, room, track, stream=stream)
                 else:
                     exchange = self.dispatcher.single(route.colocated.url, body, track, stream=stream)
+                if slot is not None:
+                    slot.route, slot.exchange = route, exchange
                 first = next(exchange.events, _NOTHING)
                 prefilled()  # a first result means the prompt is prefilled (PD: its KV reached decode)
                 if first is _NOTHING:
@@ -165,14 +179,55 @@ class Engine:
 
         try:
             check(body)  # once, before any attempt: a refused body costs no server anything
-            return self.retry.retrying()(attempt)
+            return self.retry.retrying()(attempt if self.hedger is None else lambda: self._hedged(attempt, record))
         except PDError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             record.total = time.monotonic() - started
             self.metrics.record(record)
             raise self._explain(exc) from exc
 
+    def _hedged(self, attempt: Callable[..., _Opened], record: RequestRecord) -> _Opened:
+        """``attempt``, plus a second one on another prefill server if the first one's prefill is late.
+
+        The first attempt to produce a result wins; the other is aborted on both
+        of its servers and its in-flight counts released when it ends. A late
+        prefill server that lost the race is counted as failing (three in a
+        row take it out of rotation until ``/health`` answers).
+        """
+        hedger, first = self.hedger, _Slot()
+        primary = self._pool.submit(attempt, frozenset(), first)
+        delay = hedger.delay()
+        try:
+            return primary.result(timeout=delay)
+        except FutureTimeout:
+            pass
+        leg = first.exchange.prefill if first.exchange is not None else None
+        if first.route is None or first.route.mode != "pd" or (leg is not None and leg.done()) or not hedger.take():
+            return primary.result()
+        record.hedged, late, second = True, first.route.prefill.url, _Slot()
+        hedge = self._pool.submit(attempt, frozenset({late}), second)
+        try:
+            done, _ = wait([primary, hedge], return_when=FIRST_COMPLETED)
+            winner = next(iter(done))
+            if winner.exception() is not None:  # the other one may still succeed
+                winner = hedge if winner is primary else primary
+                winner.exception()  # waits
+        except BaseException:
+            for slot, future in ((first, primary), (second, hedge)):
+                _discard(slot, future, self._pool)
+            raise
+        loser_slot, loser = (second, hedge) if winner is primary else (first, primary)
+        _discard(loser_slot, loser, self._pool)
+        if winner is hedge and winner.exception() is None:
+            record.hedge_won = True
+            hedger.won_race()
+            self.health.record_failure(late, f"prefill leg gave no answer within {delay:.1f}s while "
+                                             f"{second.route.prefill.url} served the request")
+        return winner.result()
+
     def _finish(self, record: RequestRecord, started: float, answer: Any) -> None:
+        if self.hedger is not None and record.mode == "pd" and record.prefill_latency is not None:
+            self.hedger.observe(record.prefill_latency)
         record.total = time.monotonic() - started
         _count_tokens(record, answer)
         self.metrics.record(record)
@@ -214,27 +269,52 @@ class Engine:
                answers: dict[tuple[int, str], tuple[str, str]]) -> None:
         """Count a failed attempt against its server, unless it is the request's own.
 
-        A server that *answers* 5xx is alive; when a second attempt gets the
-        same answer, the request caused it (SGLang aborts a request with HTTP
-        500 when, e.g., ``min_new_tokens`` outlasts what its grammar allows:
-        ``FINISH_ABORT("Grammar accept_token failed ...")`` in
-        ``scheduler_components/batch_result_processor.py``): it raises
-        :class:`BadRequestError` and costs no server its standing.
+        A server that *answers* 5xx is alive; when another server gives a
+        later attempt the same answer, the request caused it (as SGLang's
+        request aborts the transport already knows, ``REQUEST_CAUSED_500``):
+        it raises :class:`BadRequestError` and costs no server its standing.
+        The same server saying it twice proves nothing either way.
         """
         if error.server is None or isinstance(error, BadRequestError):
             return
         if error.status is not None and error.status >= 500:
             said = (error.status, re.split(r"answered HTTP \d+: ", str(error), maxsplit=1)[-1])
-            if said in answers:
+            if said in answers and answers[said][0] != error.server:
                 first, counted = answers[said]
                 self.health.forgive(first, counted)
                 raise BadRequestError(f"{error}. {first} answered the same to an earlier attempt, so it is this "
                                       f"request's own error (fix the request; it was not retried further)",
                                       server=error.server, status=error.status) from error
-            answers[said] = (error.server, str(error))
+            answers.setdefault(said, (error.server, str(error)))
         avoid.add(error.server)
         record.failed_servers.append(error.server)
         self.health.record_failure(error.server, str(error), unreachable=error.unreachable)
+
+
+@dataclass
+class _Slot:
+    """Where a hedged attempt shows its route and exchange as soon as it has them."""
+
+    route: Route | None = None
+    exchange: Exchange | None = None
+
+
+def _discard(slot: _Slot, future: Future, pool: ThreadPoolExecutor) -> None:
+    """Abort an attempt that lost a race (both its servers), and release it once it ends.
+
+    The abort goes from ``pool``: a frozen server takes its timeout to refuse it.
+    """
+    if slot.exchange is not None:
+        pool.submit(slot.exchange.abort)
+
+    def release(done: Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            opened = done.result()
+            opened.exchange.abort()
+            opened.exchange.events.close()
+            opened.load.close()
+
+    future.add_done_callback(release)
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -26,7 +26,8 @@ class RequestRecord:
     leg once the KV has reached decode, right before the first token).
     ``prefix_wait`` is the part of it spent waiting for another request of
     this client to finish prefilling the prefix this one reuses
-    (``Router.await_prefix``).
+    (``Router.await_prefix``). ``hedged``: a second pair was sent because the
+    prefill leg was late (``HedgePolicy``); ``hedge_won``: that pair answered first.
     """
 
     kind: str
@@ -47,6 +48,8 @@ class RequestRecord:
     error: str | None = None
     failed_servers: list[str] = field(default_factory=list)
     prefix_wait: float = 0.0
+    hedged: bool = False
+    hedge_won: bool = False
 
     @property
     def time_per_output_token(self) -> float | None:

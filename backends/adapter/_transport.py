@@ -197,9 +197,22 @@ class HttpxTransport:
         self._client.close()
 
 
+#: HTTP 500 answers SGLang 0.5.23 gives when it aborts one request for its own content, the server
+#: unharmed: a grammar its sampling parameters cannot satisfy (``FINISH_ABORT`` in
+#: ``managers/scheduler_components/batch_result_processor.py``, ``disaggregation/prefill.py``,
+#: ``disaggregation/decode_schedule_batch_mixin.py``).
+REQUEST_CAUSED_500 = ("Grammar accept_token failed",)
+
+
 def error_for(response: Response) -> Exception:
-    """Map an HTTP error answer to the exception tree: 4xx is the caller's fault, 5xx/408/429 the server's."""
+    """Map an HTTP error answer to the exception tree: 4xx is the caller's fault, 5xx/408/429 the server's.
+
+    Except the 500s in :data:`REQUEST_CAUSED_500`: the request's own, like a 4xx.
+    """
     message = f"{response.url} answered HTTP {response.status}: {response.error_message()}"
+    if response.status == 500 and any(known in message for known in REQUEST_CAUSED_500):
+        return BadRequestError(message + " (SGLang aborted this request for its content: fix the request; "
+                               "it was not retried)", server=origin(response.url), status=response.status)
     if response.status in (408, 429) or response.status >= 500:
         return ServerUnavailableError(message, server=origin(response.url), status=response.status)
     return BadRequestError(message + " (fix the request; it was not retried)", server=origin(response.url), status=response.status)
