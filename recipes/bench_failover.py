@@ -5,7 +5,13 @@ SIGKILLed mid-run, then restarts it; then kills the decode server under a
 long request. Reports per route: requests completed and failed, the latency
 of the requests that were in flight on the dead server (against the
 no-failure baseline), how long a request on a dead decode server takes to
-fail, and how long a restarted server takes to serve again.
+fail, and how long a restarted server takes to serve again. Then the faults
+that do not kill cleanly: the first prefill server SIGSTOPped (frozen) for
+``--freeze-s`` seconds mid-run (this adapter with and without hedged
+requests, and the router), a poison request (an empty prompt, which crashes
+SGLang 0.5.23's CPU prefill) sent in the middle of a run, and a prefill
+server crashing with the cluster's supervisor on (seconds until it serves
+again).
 
 Example::
 
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import tempfile
 import threading
@@ -29,7 +37,7 @@ from typing import Callable
 
 import httpx
 
-from backends import PDBackend, PDCluster, SGLangPDConfig, Timeouts
+from backends import HedgePolicy, PDBackend, PDCluster, SGLangPDConfig, Timeouts
 from backends import RouterProcess, router_argv
 
 Send = Callable[[dict], dict]
@@ -66,9 +74,10 @@ def _run(send: Send, count: int, concurrency: int, max_tokens: int, kill: Callab
 
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(count)))
-    latencies = [r["end"] - r["start"] for r in results if r["ok"]]
+    latencies = sorted(r["end"] - r["start"] for r in results if r["ok"])
     summary = {"completed": sum(r["ok"] for r in results), "failed": sum(not r["ok"] for r in results),
                "p50_s": statistics.median(latencies) if latencies else None,
+               "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
                "max_s": max(latencies) if latencies else None,
                "errors": sorted({r["error"] for r in results if not r["ok"]})[:3]}
     if killed_at:
@@ -105,6 +114,66 @@ def _seconds_until_served(send: Send, cap: float) -> float | None:
     return None
 
 
+def _frozen(send: Send, cluster: PDCluster, args: argparse.Namespace) -> dict:
+    """The workload while prefill-0 is SIGSTOPped for ``--freeze-s`` seconds (from a quarter done)."""
+    resume = threading.Timer(args.freeze_s, lambda: cluster.kill("prefill", 0, signal.SIGCONT))
+
+    def freeze() -> None:
+        cluster.kill("prefill", 0, signal.SIGSTOP)
+        resume.start()
+
+    try:
+        return _run(send, args.requests, args.concurrency, args.max_tokens, freeze)
+    finally:
+        resume.cancel()
+        cluster.kill("prefill", 0, signal.SIGCONT)
+        _wait_all_healthy(cluster, args.cap)
+
+
+def _poisoned(send: Send, cluster: PDCluster, args: argparse.Namespace) -> dict:
+    """A run with one empty-prompt request in its middle: its outcome, and the servers it cost."""
+    before = {e.server for e in cluster.restarts()}
+    poison: dict = {}
+
+    def with_poison() -> None:
+        poison.update(_timed(send, {"text": "", "sampling_params": {"max_new_tokens": 4}}))
+
+    result = _run(send, args.requests, args.concurrency, args.max_tokens, with_poison)
+    time.sleep(2.0)  # a crash takes a moment to show as an exit
+    lost = sorted({e.server for e in cluster.restarts()} - before) + sorted(cluster.exited())
+    result["poison"] = {"ok": poison.get("ok"), "seconds": round(poison["end"] - poison["start"], 2) if poison else None,
+                        "error": poison.get("error", "")[:160], "servers_lost": lost}
+    _wait_all_healthy(cluster, args.cap)
+    return result
+
+
+def _crash_restarted(backend: PDBackend, cluster: PDCluster, cap: float) -> dict:
+    """SIGKILL prefill-0 behind the supervisor's back (a crash): seconds until the adapter uses it again."""
+    victim, crashed = cluster.prefill_urls[0], time.monotonic()
+    os.killpg(cluster.pid("prefill", 0), signal.SIGKILL)
+    seen_down = False
+    while time.monotonic() - crashed < cap:
+        state = backend.client.health()[victim]
+        seen_down = seen_down or not state["healthy"]
+        if seen_down and state["healthy"]:
+            return {"serving_again_s": round(time.monotonic() - crashed, 1), "restarts": len(cluster.restarts())}
+        _timed(backend.client.request, _body(0, 2))  # traffic: the adapter notices the death on a request
+        time.sleep(0.2)
+    return {"serving_again_s": None, "restarts": len(cluster.restarts())}
+
+
+def _wait_all_healthy(cluster: PDCluster, cap: float) -> None:
+    deadline = time.monotonic() + cap
+    while time.monotonic() < deadline:
+        try:
+            if all(httpx.get(f"{u}/health", timeout=2, trust_env=False).status_code == 200
+                   for u in cluster.prefill_urls + cluster.decode_urls):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 def _adapter_route(cluster: PDCluster, args: argparse.Namespace) -> dict:
     backend = PDBackend(**cluster.urls(), timeouts=Timeouts(connect=2.0, total=600.0), probe_interval=0.5)
     try:
@@ -118,9 +187,27 @@ def _adapter_route(cluster: PDCluster, args: argparse.Namespace) -> dict:
         result["back_in_rotation_after_healthy_s"] = round(time.monotonic() - healthy_at, 2)
         result["decode_killed"] = _decode_kill(backend.client.request, cluster, args.cap)
         cluster.restart("decode", 0)
-        return result
+        result["prefill_frozen_no_hedge"] = _frozen(backend.client.request, cluster, args)
+        result["poison_request"] = _poisoned(backend.client.request, cluster, args)
+        result["prefill_crashed_supervised"] = _crash_restarted(backend, cluster, args.cap)
+        _wait_all_healthy(cluster, args.cap)
     finally:
         backend.shutdown()
+    hedged = PDBackend(**cluster.urls(), timeouts=Timeouts(connect=2.0, total=600.0), probe_interval=0.5,
+                       hedge=HedgePolicy())
+    try:
+        learn = _run(hedged.client.request, args.requests, args.concurrency, args.max_tokens, None)
+        result["prefill_frozen_hedged"] = _frozen(hedged.client.request, cluster, args)
+        before = hedged.metrics.summary()
+        result["prefill_frozen_hedged"].update(learned_on=learn["completed"], hedged=before.get("hedged", 0),
+                                               hedges_won=before.get("hedges_won", 0))
+        result["hedges_on_a_normal_run"] = _run(hedged.client.request, args.requests, args.concurrency,
+                                                args.max_tokens, None)
+        after = hedged.metrics.summary()
+        result["hedges_on_a_normal_run"]["hedged"] = after.get("hedged", 0) - before.get("hedged", 0)
+        return result
+    finally:
+        hedged.shutdown()
 
 
 def _router_route(cluster: PDCluster, args: argparse.Namespace, log_dir: Path) -> dict:
@@ -143,6 +230,8 @@ def _router_route(cluster: PDCluster, args: argparse.Namespace, log_dir: Path) -
         result["served_again_after_healthy_s"] = _seconds_until_served(send, args.cap)
         result["decode_killed"] = _decode_kill(send, cluster, args.cap)
         cluster.restart("decode", 0)
+        result["prefill_frozen"] = _frozen(send, cluster, args)
+        result["poison_request"] = _poisoned(send, cluster, args)
         return result
 
 
@@ -165,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cap", type=float, default=120.0, help="seconds to wait for any one request (default 120)")
     parser.add_argument("--base-port", type=int, default=30700, help="first port of the servers (default 30700)")
     parser.add_argument("--skip-router", action="store_true", help="measure only this adapter")
+    parser.add_argument("--freeze-s", type=float, default=30.0, help="seconds prefill-0 stays SIGSTOPped (default 30)")
     parser.add_argument("--out", default="bench-out/failover.json", help="JSON report path")
     return parser.parse_args(argv)
 

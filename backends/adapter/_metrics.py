@@ -91,7 +91,9 @@ class Metrics:
             self._records.append(record)
             self._counts["requests"] += 1
             self._counts["errors"] += record.error is not None
-            self._counts["retries"] += max(record.attempts - 1, 0)  # 0 attempts: refused before sending
+            self._counts["retries"] += _retries(record)
+            self._counts["hedged"] += record.hedged
+            self._counts["hedges_won"] += record.hedge_won
             self._counts["prompt_tokens"] += record.prompt_tokens
             self._counts["cached_tokens"] += record.cached_tokens
             self._counts["completion_tokens"] += record.completion_tokens
@@ -134,6 +136,11 @@ class Metrics:
         }
 
 
+def _retries(record: RequestRecord) -> int:
+    """Attempts after a failure: not the first (0 attempts: refused before sending), nor a hedge."""
+    return max(record.attempts - 1 - record.hedged, 0)
+
+
 class _PrometheusMirror:
     """Counters and histograms named ``sgl_pd_*`` in the caller's registry."""
 
@@ -144,6 +151,8 @@ class _PrometheusMirror:
         self.registry = registry
         self.requests = PCounter("sgl_pd_requests", "Requests by route mode and outcome", ["mode", "outcome"], registry=registry)
         self.retries = PCounter("sgl_pd_retries", "Extra attempts after a failure", registry=registry)
+        self.hedges = PCounter("sgl_pd_hedges", "Second pairs sent for a late prefill, by whether they won",
+                               ["outcome"], registry=registry)
         self.tokens = PCounter("sgl_pd_tokens", "Tokens by kind", ["kind"], registry=registry)
         self.server_requests = PCounter("sgl_pd_server_requests", "Requests per server and role", ["server", "role"], registry=registry)
         self.ttft = Histogram("sgl_pd_ttft_seconds", "Time to first token", registry=registry)
@@ -152,7 +161,9 @@ class _PrometheusMirror:
 
     def observe(self, record: RequestRecord) -> None:
         self.requests.labels(record.mode, "error" if record.error else "ok").inc()
-        self.retries.inc(max(record.attempts - 1, 0))
+        self.retries.inc(_retries(record))
+        if record.hedged:
+            self.hedges.labels("won" if record.hedge_won else "lost").inc()
         self.tokens.labels("prompt").inc(record.prompt_tokens)
         self.tokens.labels("cached").inc(record.cached_tokens)
         self.tokens.labels("completion").inc(record.completion_tokens)
