@@ -94,6 +94,7 @@ def run_workload(backend: PDBackend, *, max_tokens: int) -> dict[str, Any]:
 
     records = backend.metrics.records()[metrics_before:]
     summary = summarize(records)
+    summary["kv_transfer"] = backend.client.transfer_stats()["all"]
     print_summary(summary)
     return {"summary": summary, "errors": sum(r.error is not None for r in records),
             "records": [r.as_dict() for r in records]}
@@ -153,3 +154,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("Time distribution:")
     print(f"  prefill {summary['prefill_pct']:5.1f}%   decode {summary['decode_pct']:5.1f}%   "
           f"client/other {summary['other_pct']:5.1f}%")
+    transfer = summary.get("kv_transfer") or {}
+    if transfer.get("transfers"):  # the servers' own measure (SGLang's --enable-metrics), since they started
+        print(f"KV transfer:         {transfer['mean_latency_ms']:.1f} ms average over {transfer['transfers']} "
+              f"transfers, {transfer['mean_speed_gb_s']:.3f} GB/s; failed: {transfer['transfer_failed']} "
+              f"transfers, {transfer['bootstrap_failed']} bootstraps (inside the prefill time above)")
+    else:
+        print("KV transfer:         not measured (servers without --enable-metrics)")

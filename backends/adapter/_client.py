@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 from backends.adapter._dispatch import Dispatcher
 from backends.adapter._engine import Delivered, Engine
-from backends.adapter._health import HealthTracker, refuses_connections
+from backends.adapter._health import HealthTracker, answers_health, refuses_connections
 from backends.adapter._hedge import HedgePolicy
 from backends.adapter._inflight import InFlight
 from backends.adapter._kv_routing import EventIndex
@@ -29,6 +29,7 @@ from backends.adapter._prefix_index import PrefixIndex
 from backends.adapter._retry import RetryPolicy
 from backends.adapter._router import Router
 from backends.adapter._servers import ServerInfo, discover_pools, rank_key
+from backends.adapter._transfer import read_transfer_stats, total
 from backends.adapter._transport import HttpxTransport, Timeouts, Transport
 from backends.errors import BadRequestError, ConfigurationError, PDError, ServerUnavailableError
 
@@ -127,7 +128,8 @@ class PDClient:
         self.metrics = Metrics(registry=metrics_registry)
         self._inflight = InFlight()
         self._health = HealthTracker(
-            [s.url for s in self.servers], self._probe, failure_threshold=failure_threshold,
+            [s.url for s in self.servers], lambda url: answers_health(self._transport, url),
+            failure_threshold=failure_threshold,
             probe_interval=probe_interval, breaker_cooldown=breaker_cooldown,
             on_recover=lambda url: self._router.forget(url),
         )
@@ -143,7 +145,7 @@ class PDClient:
              "colocated": colocated_policy or PrefillCost(), "prefill_rank": prefill_rank_policy or PrefillCost()},
             colocated_below_tokens=colocated_below_tokens, events=self._events,
         )
-        self.metrics.watch_cache(self.cache_status)
+        self.metrics.watch(self.cache_status, lambda: self.transfer_stats()["servers"])
         self._dispatcher = Dispatcher(self._transport, self.timeouts, max_pairs=max_pairs)
         self._engine = Engine(self._router, self._dispatcher, self._inflight, self._health, self.retry, self.metrics,
                               died=lambda url: refuses_connections(self._transport, url), hedge=hedge)
@@ -309,12 +311,14 @@ class PDClient:
         return {s.url: self._transport.request("GET", f"{s.url}/server_info", timeouts=self.timeouts).body
                 for s in self.servers}
 
-    def _probe(self, url: str) -> bool:
-        try:
-            probe = Timeouts(connect=1.0, first_byte=5.0, total=10.0)
-            return self._transport.request("GET", f"{url}/health", timeouts=probe).ok
-        except PDError:
-            return False
+    def transfer_stats(self) -> dict[str, Any]:
+        """KV transfer overhead as the PD servers measure it (``--enable-metrics``, the launcher's default).
+
+        ``{"servers": {url: stats or None}, "all": stats}``; stats (``TransferStats.as_dict``): ``transfers``,
+        ``mean_latency_ms``, ``mean_speed_gb_s``, ``bootstrap_failed``, ``transfer_failed``.
+        """
+        per = read_transfer_stats(self._transport, [s.url for s in self.pools["prefill"] + self.pools["decode"]])
+        return {"servers": {u: s.as_dict() if s else None for u, s in per.items()}, "all": total(per.values()).as_dict()}
 
     def close(self) -> None:
         """Stop the health prober, the KV-event thread and the leg pool, close connections.

@@ -20,7 +20,7 @@ from typing import Callable
 from backends.adapter._transport import Timeouts, Transport
 from backends.errors import PDError
 
-__all__ = ["ServerHealth", "HealthTracker", "refuses_connections"]
+__all__ = ["ServerHealth", "HealthTracker", "answers_health", "refuses_connections"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,3 +190,11 @@ def refuses_connections(transport: Transport, url: str, within: float = 2.0) -> 
                 return True
         time.sleep(0.1)
     return False
+
+
+def answers_health(transport: Transport, url: str) -> bool:
+    """Whether ``url`` answers ``/health`` with success: the probe that brings a server back."""
+    try:
+        return transport.request("GET", f"{url}/health", timeouts=Timeouts(connect=1.0, first_byte=5.0, total=10.0)).ok
+    except PDError:
+        return False

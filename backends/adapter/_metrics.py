@@ -101,10 +101,15 @@ class Metrics:
         if self._prometheus is not None:
             self._prometheus.observe(record)
 
-    def watch_cache(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        """Export ``status()`` (``PDClient.cache_status``) as gauges at each scrape (no-op without a registry)."""
+    def watch(self, cache_status: Status, transfer_stats: Status) -> None:
+        """Export the client's cache and KV-transfer status as gauges at each scrape (no-op without a registry).
+
+        ``cache_status()`` is ``PDClient.cache_status``; ``transfer_stats()``
+        the ``"servers"`` of ``PDClient.transfer_stats`` (read from the servers when scraped).
+        """
         if self._prometheus is not None:
-            self._prometheus.registry.register(_CacheCollector(status))
+            self._prometheus.registry.register(_StatusCollector(cache_status, "cache", _CACHE_GAUGES))
+            self._prometheus.registry.register(_StatusCollector(transfer_stats, "server", _TRANSFER_GAUGES))
 
     def records(self) -> list[RequestRecord]:
         with self._lock:
@@ -178,26 +183,34 @@ class _PrometheusMirror:
             self.prefill.observe(record.prefill_latency)
 
 
-class _CacheCollector:
-    """``sgl_pd_cache_*`` gauges per radix cache, read from the KV-event index when scraped."""
+Status = Callable[[], dict[str, dict[str, Any] | None]]
 
-    _GAUGES = (("blocks", "sgl_pd_cache_indexed_blocks", "Blocks indexed from the server's KV events"),
-               ("event_lag_s", "sgl_pd_cache_event_lag_seconds", "Publish-to-receipt delay of the last event batch"),
-               ("last_event_age_s", "sgl_pd_cache_last_event_age_seconds", "Seconds since the last live event batch"))
+_CACHE_GAUGES = (("blocks", "sgl_pd_cache_indexed_blocks", "Blocks indexed from the server's KV events"),
+                 ("event_lag_s", "sgl_pd_cache_event_lag_seconds", "Publish-to-receipt delay of the last event batch"),
+                 ("last_event_age_s", "sgl_pd_cache_last_event_age_seconds", "Seconds since the last live event batch"))
+_TRANSFER_GAUGES = (("transfers", "sgl_pd_kv_transfers", "KV transfers the server measured since it started"),
+                    ("mean_latency_ms", "sgl_pd_kv_transfer_mean_latency_ms", "Mean KV transfer latency (ms)"),
+                    ("mean_speed_gb_s", "sgl_pd_kv_transfer_mean_speed_gb_s", "Mean KV transfer speed (GB/s)"),
+                    ("transfer_failed", "sgl_pd_kv_transfer_failed", "Requests whose KV transfer failed"),
+                    ("bootstrap_failed", "sgl_pd_kv_bootstrap_failed", "Requests whose bootstrap handshake failed"))
 
-    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        self._status = status
+
+class _StatusCollector:
+    """Gauges labelled by name (a cache, a server), read from ``status()`` when scraped."""
+
+    def __init__(self, status: Status, label: str, gauges: tuple[tuple[str, str, str], ...]) -> None:
+        self._status, self._label, self._gauges = status, label, gauges
 
     def describe(self) -> list:
-        return []  # unchecked: the caches are known only at scrape time
+        return []  # unchecked: the names are known only at scrape time
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
         status = self._status()
-        for key, name, doc in self._GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["cache"])
-            for cache, fields in status.items():
-                if fields.get(key) is not None:
-                    family.add_metric([cache], float(fields[key]))
+        for key, name, doc in self._gauges:
+            family = GaugeMetricFamily(name, doc, labels=[self._label])
+            for who, fields in status.items():
+                if fields and fields.get(key) is not None:
+                    family.add_metric([who], float(fields[key]))
             yield family

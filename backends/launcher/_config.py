@@ -73,6 +73,10 @@ class SGLangPDConfig:
         ``--load-publish-endpoint``), so every client routes on what each cache
         really holds and on every client's load. On by default; ``False``
         leaves clients their approximate per-process prefix record.
+    metrics : bool
+        Every server exports Prometheus metrics on ``/metrics``
+        (``--enable-metrics``): among them the KV transfer latency, speed and
+        failures that ``PDClient.transfer_stats()`` reads. On by default.
 
     Raises
     ------
@@ -94,6 +98,7 @@ class SGLangPDConfig:
     colocated_args: tuple[str, ...] = ()
     decode_torch_compile: bool = False
     kv_events: bool = True
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         for name, value in _validated(self).items():
@@ -244,7 +249,8 @@ def _validated(cfg: SGLangPDConfig) -> dict:
     if not isinstance(cfg.decode_torch_compile, bool):
         raise ConfigurationError(f"decode_torch_compile must be True or False, "
                          f"got {cfg.decode_torch_compile!r}.")
-    if not isinstance(cfg.kv_events, bool):
-        raise ConfigurationError(f"kv_events must be True or False, got {cfg.kv_events!r}.")
+    for flag in ("kv_events", "metrics"):
+        if not isinstance(getattr(cfg, flag), bool):
+            raise ConfigurationError(f"{flag} must be True or False, got {getattr(cfg, flag)!r}.")
     return dict(pd_ratio=ratio, model_path=model, **{f"{r}_args": _args_field(f"{r}_args", getattr(cfg, f"{r}_args"))
                                    for r in ROLES})

@@ -176,6 +176,8 @@ def _spec(cfg: SGLangPDConfig, role: str, index: int, slot: int, model: str,
     argv += _role_defaults(cfg, role, device)
     event_flags, event_ports = _kv_event_flags(cfg, role, port, dp_size)
     argv += event_flags
+    if cfg.metrics:
+        argv += ["--enable-metrics"]
     if cfg.is_tiny_model:
         # The random model would fill JSON-constrained output with whitespace
         # until max_tokens; compact JSON keeps it finite and parseable.
