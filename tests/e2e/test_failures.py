@@ -109,3 +109,46 @@ def test_decode_killed_mid_request_fails_fast_and_clearly(owned, pd_backend):
     _wait(lambda: pd_backend.client.health()[victim]["healthy"], 30, "the restarted decode to rejoin")
     answer = pd_backend.client.request({"text": "Still there?", "sampling_params": {"max_new_tokens": 3}})
     assert answer["meta_info"]["completion_tokens"] == 3
+
+
+def test_a_frozen_prefill_costs_hedged_requests_a_second_pair_not_a_timeout(owned):
+    """SIGSTOP prefill 0 (its process answers nothing, /health included) under load, with hedging on."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backends import HedgePolicy, PDClient
+
+    client = PDClient(prefill=owned.prefill_urls, decode=owned.decode_urls,
+                      hedge=HedgePolicy(min_delay=0.5, max_delay=1.5, min_samples=4, window=50, burst=8))
+    frozen = owned.prefill_urls[0]
+
+    def ask(i: int) -> float:
+        started = time.monotonic()
+        client.request({"text": f"Frozen harbour report {i}: " + "tide and cargo. " * 10,
+                        "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        return time.monotonic() - started
+
+    try:
+        [ask(i) for i in range(8)]  # learns the prefill latencies
+        owned.kill("prefill", 0, signal.SIGSTOP)
+        with ThreadPoolExecutor(4) as pool:
+            took = list(pool.map(ask, range(100, 116)))
+        records = client.metrics.records()[8:]
+        assert len(records) == 16 and all(r.error is None for r in records)
+        assert max(took) < 10, took  # without hedging a request on the frozen server waits for it
+        hedged = [r for r in records if r.hedged]
+        assert hedged and all(r.hedge_won and r.prefill != frozen for r in hedged)
+        assert all(r.prefill != frozen for r in records)  # nothing was served by the frozen server
+    finally:
+        owned.kill("prefill", 0, signal.SIGCONT)
+        client.close()
+    _wait(lambda: _answers_health(frozen), 60, "the resumed prefill to answer again")
+
+
+def _answers_health(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
