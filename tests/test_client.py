@@ -278,3 +278,33 @@ def test_a_failed_request_is_recorded_with_its_error_and_the_servers_that_failed
     assert record.attempts == 3 and record.error is not None and record.failed_servers == [P1, P1, P1]
     assert client.metrics.summary()["errors"] == 1 and client.loads() == {}
     client.close()
+
+
+def test_a_prefill_server_returns_to_rotation_only_after_a_canary_pair_through_it_succeeds():
+    # SGLang's /health skips the KV transfer: a prefill server whose transfer thread died answers it
+    # while every pair through it fails.
+    from tests._support import wait_until
+
+    p1, p2, d1 = FakeServer("prefill"), FakeServer("prefill"), FakeServer("decode")
+    client, transport = make_client({P1: p1, P2: p2, D1: d1})
+    state = {"generate": "refused"}
+
+    def broken(method, path, body):
+        if path == "/generate" and state["generate"] == "refused":
+            raise ConnectionError("refused")
+        if path == "/generate" and state["generate"] == "hangs":
+            return 500, {"error": {"message": "KV transfer failed"}}
+        return p1(method, path, body)
+
+    transport.servers[P1] = broken
+    for i in range(6):  # some land on P1: refused, so out of rotation at once
+        client.request({"text": f"q{i}", "sampling_params": {"max_new_tokens": 1}})
+    assert not client.health()[P1]["healthy"]
+    state["generate"] = "hangs"  # /health answers again, PD through it still fails
+    time.sleep(0.5)
+    assert not client.health()[P1]["healthy"]
+    canaries = [c for c in transport.calls if c[1] == f"{P1}/generate" and c[2].get("text") == "Health check."]
+    assert canaries  # the prober tried a real pair, not only /health
+    state["generate"] = "works"
+    assert wait_until(lambda: client.health()[P1]["healthy"], 5)
+    client.close()

@@ -17,7 +17,8 @@ from typing import Any, Iterator, Sequence
 
 from backends.adapter._dispatch import Dispatcher
 from backends.adapter._engine import Delivered, Engine
-from backends.adapter._health import HealthTracker, answers_health, refuses_connections
+from backends.adapter._canary import Canary
+from backends.adapter._health import HealthTracker, refuses_connections
 from backends.adapter._hedge import HedgePolicy
 from backends.adapter._inflight import InFlight
 from backends.adapter._kv_routing import EventIndex
@@ -125,20 +126,19 @@ class PDClient:
         self._limits = ServerLimits(vocab_size=_vocab_size(self.model_path),
                                     disaggregation_mode="prefill" if self.pools["prefill"] else "null",
                                     dp_size=max((s.dp_ranks for s in self.pools["prefill"]), default=1))
-        self.metrics = Metrics(registry=metrics_registry)
-        self._inflight = InFlight()
-        self._health = HealthTracker(
-            [s.url for s in self.servers], lambda url: answers_health(self._transport, url),
-            failure_threshold=failure_threshold,
-            probe_interval=probe_interval, breaker_cooldown=breaker_cooldown,
-            on_recover=lambda url: self._router.forget(url),
-        )
+        self.metrics, self._inflight = Metrics(registry=metrics_registry), InFlight()
         try:
             self._events = EventIndex(self.pools["prefill"] + self.pools["colocated"]) if kv_events else None
         except BaseException:
-            self._health.close()
             self._transport.close()
             raise
+        decodes = [s.url for s in self.pools["decode"]]
+        self._canary = Canary(self._transport, self.pools, lambda: self._health.available(decodes))
+        self._health = HealthTracker(
+            [s.url for s in self.servers], self._canary, failure_threshold=failure_threshold,
+            probe_interval=probe_interval, breaker_cooldown=breaker_cooldown,
+            on_recover=lambda url: self._router.forget(url),
+        )
         self._router = Router(
             self.pools, self._health, PrefixIndex(), self._inflight,
             {"prefill": prefill_policy or PrefillCost(), "decode": decode_policy or LeastLoaded(),
@@ -314,8 +314,7 @@ class PDClient:
     def transfer_stats(self) -> dict[str, Any]:
         """KV transfer overhead as the PD servers measure it (``--enable-metrics``, the launcher's default).
 
-        ``{"servers": {url: stats or None}, "all": stats}``; stats (``TransferStats.as_dict``): ``transfers``,
-        ``mean_latency_ms``, ``mean_speed_gb_s``, ``bootstrap_failed``, ``transfer_failed``.
+        ``{"servers": {url: stats or None}, "all": stats}``, stats as ``TransferStats.as_dict``.
         """
         per = read_transfer_stats(self._transport, [s.url for s in self.pools["prefill"] + self.pools["decode"]])
         return {"servers": {u: s.as_dict() if s else None for u, s in per.items()}, "all": total(per.values()).as_dict()}
@@ -329,6 +328,7 @@ class PDClient:
         if self._events is not None:
             self._events.close()
         self._engine.close()
+        self._canary.close()
         self._dispatcher.close()
         self._transport.close()
 
