@@ -132,7 +132,7 @@ def _frozen(send: Send, cluster: PDCluster, args: argparse.Namespace) -> dict:
 
 def _poisoned(send: Send, cluster: PDCluster, args: argparse.Namespace) -> dict:
     """A run with one empty-prompt request in its middle: its outcome, and the servers it cost."""
-    before = {e.server for e in cluster.restarts()}
+    before = len(cluster.restarts())
     poison: dict = {}
     _seconds_until_served(send, args.cap)  # the route serves before the run starts
 
@@ -141,7 +141,7 @@ def _poisoned(send: Send, cluster: PDCluster, args: argparse.Namespace) -> dict:
 
     result = _run(send, args.requests, args.concurrency, args.max_tokens, with_poison)
     time.sleep(2.0)  # a crash takes a moment to show as an exit
-    lost = sorted({e.server for e in cluster.restarts()} - before) + sorted(cluster.exited())
+    lost = sorted({e.server for e in cluster.restarts()[before:]} | set(cluster.exited()))
     result["poison"] = {"ok": poison.get("ok"), "seconds": round(poison["end"] - poison["start"], 2) if poison else None,
                         "error": poison.get("error", "")[:160], "servers_lost": lost}
     _wait_all_healthy(cluster, args.cap)
