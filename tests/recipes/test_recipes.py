@@ -2,7 +2,7 @@
 
 Recipes that need running servers use the session cluster of ``tests/conftest.py``
 (``SGLPD_TEST_REUSE=1`` reuses the shared dev servers). Recipes that launch
-their own servers get a free block of ports in 33000-34000, run one at a time
+their own servers get a free block of ports in 29000-30000, run one at a time
 and only with enough free memory, and must leave nothing listening behind.
 """
 
@@ -48,13 +48,16 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _free_block(servers: int) -> int:
-    """A base port in 33000-34000 whose planned ports (base+10*i .. +2) and router ports are all free."""
-    for base in range(33000, 34000 - 10 * servers, 50):
-        ports = [base + 10 * i + k for i in range(servers) for k in range(3)]
-        if not any(_listening(p) for p in ports):
+def _free_block() -> int:
+    """A base port in 29000-30000 whose whole 100-port block (every server's 10, the router's) is free.
+
+    Below Linux's ephemeral range (32768-60999): SGLang's schedulers listen on
+    random ports there, and one took a port of this block in CI.
+    """
+    for base in range(29000, 30000, 100):
+        if not any(_listening(p) for p in range(base, base + 100)):
             return base
-    pytest.fail("no free port block in 33000-34000")
+    pytest.fail("no free port block in 29000-30000")
 
 
 def _available_mb() -> int:
@@ -72,7 +75,7 @@ def launch_ports():
         if time.monotonic() > deadline:
             pytest.skip(f"needs {_MEMORY_NEEDED_MB} MB available to launch servers, have {_available_mb()} MB")
         time.sleep(10)
-    base = _free_block(2)
+    base = _free_block()
     yield base
     assert not any(_listening(base + 10 * i) for i in range(2)), "a server of the recipe outlived it"
 
@@ -135,7 +138,7 @@ def test_simple_client_names_a_decode_server_listed_as_prefill(cluster):
 
 
 def test_router_frontend_fronts_the_running_servers(cluster):
-    port = _free_block(1)
+    port = _free_block()
     code, out, err = _run("router_frontend", "--prefill", *cluster.prefill_urls, "--decode", *cluster.decode_urls,
                           "--port", str(port), "--once", timeout=180)
     assert code == 0, err
