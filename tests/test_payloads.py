@@ -189,11 +189,12 @@ def test_a_rank_outside_the_servers_ranks_is_refused(ranks, rank):
         RoomAllocator(seed=1).allocate(1, ranks=ranks, rank=rank)
 
 
-def test_merge_of_zero_new_tokens_lists_the_sampled_token_only_under_a_grammar_as_a_colocated_server_does():
+def test_merge_of_zero_new_tokens_lists_the_sampled_token_only_when_the_batch_has_a_grammar_as_a_colocated_server():
     sampled = {"output_token_logprobs": [[-7.5, 1091, None]], "output_token_logprobs_length": 1,
                "output_top_logprobs": [[]], "completion_tokens": 0}
     decode = [{"text": "", "output_ids": [], "meta_info": dict(sampled)} for _ in range(2)]
-    merged = merge_pd_answers([_answer("")] * 2, decode, [{"max_new_tokens": 0}, {"max_new_tokens": 0, "regex": "a"}])
-    plain, constrained = (m["meta_info"] for m in merged)
-    assert plain["output_token_logprobs"] == plain["output_top_logprobs"] == [] and plain["output_token_logprobs_length"] == 0
-    assert constrained["output_token_logprobs"] == sampled["output_token_logprobs"]
+    plain = merge_pd_answers([_answer("")] * 2, decode, [{"max_new_tokens": 0}] * 2)
+    assert all(m["meta_info"]["output_token_logprobs"] == m["meta_info"]["output_top_logprobs"] == []
+               and m["meta_info"]["output_token_logprobs_length"] == 0 for m in plain)
+    mixed = merge_pd_answers([_answer("")] * 2, decode, [{"max_new_tokens": 0}, {"max_new_tokens": 0, "regex": "a"}])
+    assert all(m["meta_info"]["output_token_logprobs"] == sampled["output_token_logprobs"] for m in mixed)

@@ -168,22 +168,26 @@ def merge_pd_answers(prefill: Any, decode: Any, sampling: Any = None) -> Any:
     Decode's own prompt-logprob lists are empty (it never saw the prompt), so
     the merged lists equal what a colocated server returns. With
     ``max_new_tokens=0`` a PD decode server still lists the token prefill
-    sampled, where a colocated server lists it only under a grammar
-    (``regex``/``json_schema``/``ebnf``; measured on SGLang 0.5.23): the
-    output lists are cut to match. ``sampling`` is the request's
-    ``sampling_params`` (a dict, or one per batch item).
+    sampled, where a colocated server lists it only when its batch holds a
+    grammar (``regex``/``json_schema``/``ebnf``, any item's; measured on
+    SGLang 0.5.23): the output lists are cut to match. ``sampling`` is the
+    request's ``sampling_params`` (a dict, or one per batch item).
     """
+    items = sampling if isinstance(sampling, list) else [sampling]
+    grammar = any(isinstance(s, dict) and any(s.get(k) for k in ("regex", "json_schema", "ebnf")) for s in items)
+    return _merged(prefill, decode, grammar)
+
+
+def _merged(prefill: Any, decode: Any, grammar: bool) -> Any:
     if isinstance(decode, list):
-        per_item = sampling if isinstance(sampling, list) else [sampling] * len(decode)
-        return [merge_pd_answers(p, d, s) for p, d, s in zip(prefill, decode, per_item)]
+        return [_merged(p, d, grammar) for p, d in zip(prefill, decode)]
     merged = copy.copy(decode)
     meta = dict(decode.get("meta_info", {}))
     prefill_meta = prefill.get("meta_info", {}) if isinstance(prefill, dict) else {}
     for name in _PROMPT_LOGPROB_FIELDS:
         if name in prefill_meta and prefill_meta[name] is not None:
             meta[name] = list(prefill_meta[name]) + list(meta.get(name) or [])
-    constrained = isinstance(sampling, dict) and any(sampling.get(k) for k in ("regex", "json_schema", "ebnf"))
-    if meta.get("completion_tokens") == 0 and not constrained:
+    if meta.get("completion_tokens") == 0 and not grammar:
         for name in OUTPUT_LOGPROB_FIELDS:
             if isinstance(meta.get(name), list):
                 meta[name] = []

@@ -15,8 +15,8 @@ float, ``unconditional_likelihood_normalized``: ``IndexError``, in
 has no logprob). Programs with ``select`` are compared with the adapter's
 colocated mode, and PD must equal it. Greedy parity has the tie exception of :mod:`tests.e2e.differential`:
 a ``gen`` may diverge only where the reference's top-2 logprobs are within
-``TIE_GAP``, a ``select`` only where its two best normalized scores are; the
-program is not compared past that point.
+``TIE_GAP``, a ``select`` only where the reference scored the other path's
+choice within ``TIE_GAP`` of its own; the program is not compared past that point.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ PROFILE = "programs-nightly" if os.environ.get("HYPOTHESIS_PROFILE") == "nightly
 METHODS = {"token_length_normalized": sgl.token_length_normalized,
            "greedy_token_selection": sgl.greedy_token_selection,
            "unconditional_likelihood_normalized": sgl.unconditional_likelihood_normalized}
+TOP = 5  # logprobs asked per generated token: enough to see a near-tie among several candidates
 WORDS = [" The", " tide", " rose", " lighthouse", " keeper", "\n", " 42", " moon", " once", " upon", " Q:", " A:"]
 CHOICES = [" yes", " no", " maybe so", " the moon", " 7", " a long answer about tides"]
 
@@ -85,7 +86,7 @@ def program(s, plan):
         if step["kind"] == "text":
             s += step["text"]
         elif step["kind"] == "gen":
-            s += sgl.gen(step["name"], return_logprob=True, top_logprobs_num=2, **step["options"])
+            s += sgl.gen(step["name"], return_logprob=True, top_logprobs_num=TOP, **step["options"])
             seen.append((step["name"], s[step["name"]], s.get_meta_info(step["name"])))
         elif step["kind"] == "select":
             s += sgl.select(step["name"], choices=step["choices"], choices_method=METHODS[step["method"]])
@@ -93,7 +94,7 @@ def program(s, plan):
         else:
             forks = s.fork(len(step["texts"]))
             for branch, text in zip(forks, step["texts"]):
-                branch += text + sgl.gen("b", return_logprob=True, top_logprobs_num=2, **step["options"])
+                branch += text + sgl.gen("b", return_logprob=True, top_logprobs_num=TOP, **step["options"])
             forks.join()
             for k, branch in enumerate(forks):
                 seen.append((f"{step['name']}.{k}", branch["b"], branch.get_meta_info("b")))
@@ -110,18 +111,16 @@ def _outcome(run) -> tuple:
 
 
 def _tie(kind: str, ref_meta: dict, out_meta: dict, ref_value: str, value: str, choices: list[str]) -> bool:
-    """Whether ``out`` diverged from the reference by taking its near-tied runner-up (a gen token, a select choice)."""
-    if kind == "select":
-        scores = ref_meta.get("normalized_prompt_logprobs") or []
-        ranked = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
-        return (len(ranked) >= 2 and scores[ranked[0]] - scores[ranked[1]] < TIE_GAP
-                and ref_value == choices[ranked[0]] and value == choices[ranked[1]])
+    """Whether ``out`` diverged from the reference by a near-tie: a gen token or select choice scored within TIE_GAP."""
+    if kind == "select":  # the other path's choice scored within TIE_GAP of the reference's
+        scores = dict(zip(choices, ref_meta.get("normalized_prompt_logprobs") or []))
+        return ref_value in scores and value in scores and scores[ref_value] - scores[value] < TIE_GAP
     ref_ids = [t[1] for t in ref_meta.get("output_token_logprobs") or []]
     out_ids = [t[1] for t in out_meta.get("output_token_logprobs") or []]
     k = next((i for i, (a, b) in enumerate(zip(ref_ids, out_ids)) if a != b), None)  # a length change is no tie
     tops = ref_meta.get("output_top_logprobs") or []
-    return (k is not None and k < len(tops) and len(tops[k]) >= 2 and out_ids[k] == tops[k][1][1]
-            and abs(tops[k][0][0] - tops[k][1][0]) < TIE_GAP)
+    scored = {token: logprob for logprob, token, *_ in tops[k]} if k is not None and k < len(tops) else {}
+    return out_ids[k] in scored and tops[k][0][0] - scored[out_ids[k]] < TIE_GAP if scored else False
 
 
 def assert_same_program(reference: tuple, got: tuple, plan: list[dict], path: str) -> None:
@@ -134,7 +133,7 @@ def assert_same_program(reference: tuple, got: tuple, plan: list[dict], path: st
         if ref_value != value:
             kind = "select" if name in choices else "gen"
             assert _tie(kind, ref_meta, meta, ref_value, value, choices.get(name, [])), \
-                f"{path}: {name} = {value!r}, reference {ref_value!r} (not the reference's near-tied runner-up)"
+                f"{path}: {name} = {value!r}, reference {ref_value!r} (not within a near-tie of the reference's pick)"
             return  # past a tie the programs legitimately differ
     assert reference[1] == got[1], f"{path}: program text differs"
 

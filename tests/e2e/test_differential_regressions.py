@@ -124,6 +124,13 @@ def test_zero_new_tokens_through_pd_lists_no_output_logprob(cluster, pd_backend)
     reference = direct(url, body)
     assert reference[1]["meta_info"]["output_token_logprobs"] == []
     assert_same(reference, through(pd_backend.client, body), url=url, body=body, pd=True)
+    # Found in CI (60 examples, fresh servers): in a batch holding a grammar, every item lists it.
+    batch = {"input_ids": [[1224, 469, 446, 204], [57, 222, 1013, 124, 268]], "return_logprob": True,
+             "sampling_params": [{"max_new_tokens": 0, "temperature": 0, "ebnf": 'root ::= "yes" | "no"'},
+                                 {"max_new_tokens": 0, "temperature": 0}]}
+    reference = direct(url, batch)
+    assert [len(item["meta_info"]["output_token_logprobs"]) for item in reference[1]] == [1, 1]
+    assert_same(reference, through(pd_backend.client, batch), url=url, body=batch, pd=True)
 
 
 def test_a_custom_logit_processor_gets_the_servers_own_answer_through_pd(cluster, pd_backend):
