@@ -192,7 +192,7 @@ class Engine:
         The first attempt to produce a result wins; the other is aborted on both
         of its servers and its in-flight counts released when it ends. A late
         prefill server that lost the race is counted as failing (three in a
-        row take it out of rotation until ``/health`` answers).
+        row take it out of rotation until the canary pair through it passes, :mod:`._canary`).
         """
         hedger, first = self.hedger, _Slot()
         primary = self._pool.submit(attempt, frozenset(), first)
