@@ -365,7 +365,9 @@ def test_kill_stays_down_until_restart_and_a_crash_after_that_is_restarted(stand
     stand_ins.kill("prefill", 0)
     time.sleep(2.5)  # longer than a poll plus the first backoff
     assert stand_ins.restarts() == [] and _get(spec.url, "/health") is None
+    assert stand_ins.down() == ["prefill-0"] and stand_ins.exited() == {}  # kill() reaped it: no exit code
     stand_ins.restart("prefill", 0)
+    assert stand_ins.down() == []
     os.killpg(stand_ins.pid("prefill", 0), signal.SIGKILL)  # a crash, not through kill()
     _wait(lambda: stand_ins.restarts(), 15, "the restart")
     assert stand_ins.restarts()[0].reason == "exited with code -9"

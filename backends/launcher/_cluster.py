@@ -68,8 +68,7 @@ class PDCluster:
     def __init__(self, config: SGLangPDConfig | None = None, log_dir=None,
                  startup_timeout: float = 300.0, stop_timeout: float = 15.0,
                  supervise: bool = True, max_restarts: int = 3) -> None:
-        for name, value in (("startup_timeout", startup_timeout),
-                            ("stop_timeout", stop_timeout)):
+        for name, value in (("startup_timeout", startup_timeout), ("stop_timeout", stop_timeout)):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}.")
         if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
@@ -122,20 +121,23 @@ class PDCluster:
     def spec(self, role: str, index: int) -> ServerSpec:
         """The :class:`ServerSpec` of server ``role``/``index``."""
         for s in self._specs:
-            if s.role == role and s.index == index:
+            if (s.role, s.index) == (role, index):
                 return s
-        raise ConfigurationError(f"No {role} server with index {index} in this cluster; it has "
-                         f"{[s.name for s in self._specs]}.")
+        raise ConfigurationError(f"No {role} server with index {index} in this cluster; it has {[s.name for s in self._specs]}.")
 
     def log_path(self, server: ServerSpec | str) -> Path:
         """Log file of a server, given its spec or its name (``"decode-0"``)."""
-        name = server.name if isinstance(server, ServerSpec) else server
-        return self.log_dir / f"{name}.log"
+        return self.log_dir / f"{server.name if isinstance(server, ServerSpec) else server}.log"
 
     def exited(self) -> dict[str, int]:
         """Servers whose main process has exited, by name, with exit codes."""
         codes = {name: proc.exit_code() for name, proc in list(self._procs.items())}  # list(): other threads
         return {name: code for name, code in codes.items() if code is not None}
+
+    def down(self) -> list[str]:
+        """Servers not running now, by name: exited, given up on, or killed by :meth:`kill` (no exit code)."""
+        return [s.name for s in self._specs
+                if (proc := self._procs.get(s.name)) is None or not proc.running()]
 
     def pid(self, role: str, index: int) -> int | None:
         """Pid (also the process group id) of a server's main process; ``None`` once stopped."""

@@ -133,6 +133,21 @@ def _gap_to_best(url: str, body: dict, index: int, position: int, token: int) ->
     return tops[position][0][0] - theirs[position][0][0]
 
 
+def gen_diverged_by_near_tie(ref_meta: dict, out_meta: dict) -> bool:
+    """Whether a ``gen`` diverged from the reference's by a near-tie, from both ``get_meta_info`` dicts.
+
+    Both need ``return_logprob=True``, the reference ``top_logprobs_num`` of
+    about 5: at the first differing token, the other path's token must be among
+    the reference's top tokens within ``TIE_GAP`` of its pick. A length change is no tie.
+    """
+    ref_ids = [t[1] for t in ref_meta.get("output_token_logprobs") or []]
+    out_ids = [t[1] for t in out_meta.get("output_token_logprobs") or []]
+    k = next((i for i, (a, b) in enumerate(zip(ref_ids, out_ids)) if a != b), None)
+    tops = ref_meta.get("output_top_logprobs") or []
+    scored = {token: logprob for logprob, token, *_ in tops[k]} if k is not None and k < len(tops) else {}
+    return out_ids[k] in scored and tops[k][0][0] - scored[out_ids[k]] < TIE_GAP if scored else False
+
+
 def _items(answer: Any) -> list[dict]:
     return answer if isinstance(answer, list) else [answer]
 

@@ -28,7 +28,7 @@ import sglang as sgl
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.differential import TIE_GAP
+from tests.e2e.differential import TIE_GAP, gen_diverged_by_near_tie
 
 settings.register_profile("programs-ci", max_examples=int(os.environ.get("SGLPD_DIFF_PROGRAMS", 25)),
                           derandomize=True, deadline=None, phases=[Phase.explicit, Phase.generate],
@@ -115,12 +115,7 @@ def _tie(kind: str, ref_meta: dict, out_meta: dict, ref_value: str, value: str, 
     if kind == "select":  # the other path's choice scored within TIE_GAP of the reference's
         scores = dict(zip(choices, ref_meta.get("normalized_prompt_logprobs") or []))
         return ref_value in scores and value in scores and scores[ref_value] - scores[value] < TIE_GAP
-    ref_ids = [t[1] for t in ref_meta.get("output_token_logprobs") or []]
-    out_ids = [t[1] for t in out_meta.get("output_token_logprobs") or []]
-    k = next((i for i, (a, b) in enumerate(zip(ref_ids, out_ids)) if a != b), None)  # a length change is no tie
-    tops = ref_meta.get("output_top_logprobs") or []
-    scored = {token: logprob for logprob, token, *_ in tops[k]} if k is not None and k < len(tops) else {}
-    return out_ids[k] in scored and tops[k][0][0] - scored[out_ids[k]] < TIE_GAP if scored else False
+    return gen_diverged_by_near_tie(ref_meta, out_meta)
 
 
 def assert_same_program(reference: tuple, got: tuple, plan: list[dict], path: str) -> None:

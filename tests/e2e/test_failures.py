@@ -14,6 +14,7 @@ import pytest
 import sglang as sgl
 
 from backends import DecodeFailedError, NoHealthyServerError
+from tests.e2e.differential import gen_diverged_by_near_tie
 
 
 @pytest.fixture
@@ -21,8 +22,9 @@ def owned(cluster):
     if getattr(cluster, "reused", False):
         pytest.skip("fault injection needs servers started by this test session")
     yield cluster
+    down = cluster.down()
     for spec in cluster.servers:
-        if spec.name in cluster.exited():
+        if spec.name in down:
             cluster.restart(spec.role, spec.index)
 
 
@@ -41,12 +43,12 @@ def numbered(s, i):
     # still waiting on the victim.
     ledger = " ".join(f"entry {(i * 37 + k) % 101} holds {(i * 13 + k * 7) % 97};" for k in range(20))
     s += f"Ledger {i}: {ledger} Item {i}: the value of entry {i * 37 % 101} is" + sgl.gen(
-        "value", max_tokens=6, temperature=0)
+        "value", max_tokens=6, temperature=0, return_logprob=True, top_logprobs_num=5)
 
 
 def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_backend):
     items = [{"i": i} for i in range(64)]
-    expected = [state["value"] for state in numbered.run_batch(items, backend=colocated_backend)]
+    expected = numbered.run_batch(items, backend=colocated_backend)
     victim = owned.prefill_urls[0]
     before = len(pd_backend.metrics.records())
     finished: dict[str, list] = {}
@@ -62,7 +64,11 @@ def test_prefill_killed_mid_batch_loses_nothing(owned, pd_backend, colocated_bac
 
     states = finished["states"]
     assert [s.error() for s in states] == [None] * 64
-    assert [s["value"] for s in states] == expected  # correct outputs, not just outputs
+    for ref, got in zip(expected, states):  # correct outputs, not just outputs
+        # A retried item is prefilled in another batch on the other server: on the
+        # flat tiny model that can flip a greedy near-tie, and only that is accepted.
+        assert got["value"] == ref["value"] or gen_diverged_by_near_tie(
+            ref.get_meta_info("value"), got.get_meta_info("value")), (ref["value"], got["value"])
     records = [r for r in pd_backend.metrics.records()[before:] if r.kind == "gen"]
     assert len(records) == 64
     assert max(r.total for r in records) < 60, "a request waited on a dead server"
